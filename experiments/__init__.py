@@ -1,0 +1,1 @@
+"""alignfuse.experiments: datasets, feature cache, the Trainer, evaluators, configs, CLI, reports."""

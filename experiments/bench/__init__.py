@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each module defines HELP, add_arguments(parser) and run(args) -> dict."""

@@ -1,0 +1,31 @@
+"""``alignfuse run CONFIG.yaml [key=value ...]``: run any experiment config with dotted overrides."""
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "run"
+HELP = "run an experiment config (align, fusion or bridge) with dotted key=value overrides"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a YAML config file, or the name of a bundled one (e.g. align_shapesworld)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, values parsed as YAML: train.max_steps=100 seeds=[0,1] out_dir=runs/x")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and print it, run nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from experiments.config import apply_overrides, config_path, read_yaml
+    from experiments.runners import runner_module
+
+    path = config_path(args.config)
+    raw = apply_overrides(read_yaml(path), args.overrides)
+    mod = runner_module(raw.get("experiment", ""))
+    cfg = mod.load(raw, where=path.name)  # validates every key and name before any work
+    if args.dry_run:
+        print(json.dumps(mod.to_dict(cfg) if hasattr(mod, "to_dict") else raw, indent=2, default=str))
+        return 0
+    results = mod.run(cfg)
+    print(mod.format_results(results))
+    return 0
