@@ -1,0 +1,503 @@
+"""Closed-form canonical correlation analysis (CCA) and a random-Fourier-feature kernel CCA.
+
+``CCA`` solves the (ridge-regularised) CCA problem exactly in float64::
+
+    max_{a, b}  a^T Cxy b   s.t.  a^T (Cxx + λx I) a = 1,  b^T (Cyy + λy I) b = 1
+
+by whitening and one SVD: ``(Cxx+λx I)^{-1/2} Cxy (Cyy+λy I)^{-1/2} = A S B^T``, with
+``x_weights_ = (Cxx+λx I)^{-1/2} A[:, :k]`` (and likewise for y). The whitening comes from
+an eigendecomposition of the view's covariance, computed either
+
+* in feature space (``solver="covariance"``: eigh of the p×p covariance, cost O(n p² + p³)), or
+* in sample space (``solver="gram"``: eigh of the n×n Gram matrix of the centred data,
+  cost O(n² p + n³)), which is the cheap and well-posed route when n < p.
+
+``solver="auto"`` picks the covariance route when ``n >= max(p, q)``, else the Gram route.
+
+Regularisation: ``λx = reg_x * trace(Cxx) / p`` with ``reg_mode="relative"`` (the default;
+a fraction of the mean feature variance, so it is invariant to a global rescaling of the
+data), or ``λx = reg_x`` with ``reg_mode="absolute"``. With ``λ = 0`` a singular covariance
+(rank-deficient data, or ``n <= p``) raises ``np.linalg.LinAlgError`` naming the view and its
+numerical rank; with ``λ > 0`` the problem is always well posed (directions outside the span
+of the data get no weight, which is the optimum of the regularised objective).
+
+After fitting, the weights are rescaled so that each canonical variate has unit variance on
+the training data, and ``correlations_`` are the empirical training correlations of the
+variate pairs. With ``λ = 0`` the variates are exactly uncorrelated within a view
+(``U^T U / (n-1) = I``) and ``correlations_`` are the canonical correlations; with ``λ > 0``
+they are the (slightly lower) correlations of the regularised solution.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from sklearn.exceptions import NotFittedError
+from torch import Tensor
+
+from align.base import ALIGNERS, InputSpec
+
+log = logging.getLogger(__name__)
+
+ArrayLike = np.ndarray | Tensor
+Solver = Literal["auto", "covariance", "gram"]
+RegMode = Literal["relative", "absolute"]
+
+_LEARNED = ("x_mean_", "y_mean_", "x_weights_", "y_weights_", "correlations_", "reg_x_", "reg_y_",
+            "x_rank_", "y_rank_", "n_features_in_", "n_features_y_", "n_samples_fit_")
+
+
+def _as_float64_2d(name: str, a: Any) -> np.ndarray:
+    """``a`` (numpy, torch or array-like) as a C-contiguous float64 [n, d] array; clear errors."""
+    if isinstance(a, Tensor):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [n_samples, n_features], got shape {tuple(a.shape)}")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    if not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).any(axis=1).sum())
+        raise ValueError(f"{name} contains NaN or inf in {bad} of its {a.shape[0]} rows")
+    return a
+
+
+def _view_basis(
+    view: str, Zc: np.ndarray, reg: float, reg_mode: RegMode, solver: str
+) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Eigen-decompose one centred view ``Zc`` [n, p].
+
+    Returns ``(w, basis, lam, rank)``: the kept (numerically non-zero) eigenvalues ``w`` of the
+    covariance ``Zc^T Zc / (n-1)``; their eigenvectors in feature space [p, r] (covariance
+    solver) or in sample space [n, r] (Gram solver, orthonormal columns of ``Zc``'s left
+    singular vectors); the absolute ridge ``lam``; and the numerical rank.
+    """
+    n, p = Zc.shape
+    total_var = float(np.einsum("ij,ij->", Zc, Zc)) / (n - 1)  # trace of the covariance
+    lam = reg * total_var / p if reg_mode == "relative" else reg
+    if solver == "covariance":
+        w, vecs = np.linalg.eigh(Zc.T @ Zc / (n - 1))
+    else:
+        w, vecs = np.linalg.eigh(Zc @ Zc.T / (n - 1))
+    w_max = max(float(w[-1]), 0.0)
+    tol = w_max * max(n, p) * np.finfo(np.float64).eps
+    keep = w > tol
+    rank = int(keep.sum())
+    if lam == 0.0 and rank < p:
+        hint = f" (n_samples={n} <= n_features={p}: at most n-1 directions have variance)" if n <= p else ""
+        raise np.linalg.LinAlgError(
+            f"CCA: the covariance of view {view} is singular: numerical rank {rank} < {p} features{hint}; "
+            f"set reg_{view[0]} > 0 (or reg > 0) to regularise"
+        )
+    if rank == 0:
+        raise ValueError(f"CCA: view {view} has zero variance (all rows are equal)")
+    return w[keep], vecs[:, keep], lam, rank
+
+
+@ALIGNERS.register("cca")
+class CCA(InputSpec):
+    """Closed-form CCA between two views, with scikit-learn's ``fit``/``transform`` shape.
+
+    ``X`` [n, p] is the view of ``modalities[0]`` and ``Y`` [n, q] that of ``modalities[1]``.
+
+    Args:
+        n_components: number of canonical pairs ``k`` to keep (``k <= min(p, q, n-1)``).
+        reg: ridge for both views (see module docstring); ``reg_x``/``reg_y`` override it per view.
+            The default 1e-6 only guards against round-off (the solution is the exact CCA up to
+            ~1e-6); for high-dimensional features with few samples, 1e-3 to 1e-1 usually gives
+            higher held-out correlations. ``0`` asks for exact CCA and raises on singular data.
+        reg_mode: ``"relative"`` (ridge = reg × mean feature variance) or ``"absolute"``.
+        solver: ``"auto"``, ``"covariance"`` (feature space) or ``"gram"`` (sample space).
+        modalities: names of the X and Y views, for ``encode(modality, x)``.
+
+    Learned attributes: ``x_mean_`` [p], ``y_mean_`` [q], ``x_weights_`` [p, k], ``y_weights_``
+    [q, k] (projection matrices: ``U = (X - x_mean_) @ x_weights_``), ``correlations_`` [k]
+    (training correlations of the variate pairs, in the order of the regularised problem's
+    singular values: descending when ``reg = 0``), ``reg_x_``/``reg_y_`` (absolute ridges used),
+    ``x_rank_``/``y_rank_``, ``n_features_in_`` (p), ``n_features_y_`` (q), ``n_samples_fit_``,
+    ``solver_``.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 2,
+        *,
+        reg: float = 1e-6,
+        reg_x: float | None = None,
+        reg_y: float | None = None,
+        reg_mode: RegMode = "relative",
+        solver: Solver = "auto",
+        modalities: Sequence[str] = ("image", "text"),
+    ) -> None:
+        self.n_components = n_components
+        self.reg = reg
+        self.reg_x = reg_x
+        self.reg_y = reg_y
+        self.reg_mode = reg_mode
+        self.solver = solver
+        self.modalities = tuple(modalities)
+
+    def __repr__(self) -> str:
+        return (f"CCA(n_components={self.n_components}, reg={self.reg}, reg_x={self.reg_x}, reg_y={self.reg_y}, "
+                f"reg_mode={self.reg_mode!r}, solver={self.solver!r}, modalities={self.modalities})")
+
+    # ------------------------------------------------------------------ fitting
+    def _check_params(self) -> tuple[float, float]:
+        if not isinstance(self.n_components, (int, np.integer)) or self.n_components < 1:
+            raise ValueError(f"n_components must be a positive int, got {self.n_components!r}")
+        if self.reg_mode not in ("relative", "absolute"):
+            raise ValueError(f"reg_mode must be 'relative' or 'absolute', got {self.reg_mode!r}")
+        if self.solver not in ("auto", "covariance", "gram"):
+            raise ValueError(f"solver must be 'auto', 'covariance' or 'gram', got {self.solver!r}")
+        if len(self.modalities) != 2 or self.modalities[0] == self.modalities[1]:
+            raise ValueError(f"modalities must be two distinct names, got {self.modalities!r}")
+        rx = self.reg if self.reg_x is None else self.reg_x
+        ry = self.reg if self.reg_y is None else self.reg_y
+        for name, r in (("reg_x", rx), ("reg_y", ry)):
+            if not np.isfinite(r) or r < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {r!r}")
+        return float(rx), float(ry)
+
+    def fit(self, X: ArrayLike, Y: ArrayLike) -> "CCA":
+        """Fit on paired views ``X`` [n, p] and ``Y`` [n, q] (numpy or torch)."""
+        rx, ry = self._check_params()
+        X = _as_float64_2d("X", X)
+        Y = _as_float64_2d("Y", Y)
+        n, p = X.shape
+        q = Y.shape[1]
+        if Y.shape[0] != n:
+            raise ValueError(f"X has {n} rows but Y has {Y.shape[0]}: CCA needs paired rows")
+        if n < 2:
+            raise ValueError(f"CCA needs at least 2 samples, got {n}")
+        k = int(self.n_components)
+        if k > min(p, q, n - 1):
+            raise ValueError(
+                f"n_components={k} must be <= min(n_features_x={p}, n_features_y={q}, n_samples-1={n - 1})"
+            )
+        solver = self.solver if self.solver != "auto" else ("covariance" if n >= max(p, q) else "gram")
+
+        x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
+        Xc, Yc = X - x_mean, Y - y_mean
+        del X, Y
+        view_x, view_y = f"X ({self.modalities[0]!r})", f"Y ({self.modalities[1]!r})"
+        wx, Bx, lx, rank_x = _view_basis(view_x, Xc, rx, self.reg_mode, solver)
+        wy, By, ly, rank_y = _view_basis(view_y, Yc, ry, self.reg_mode, solver)
+        if k > min(rank_x, rank_y):
+            raise ValueError(
+                f"n_components={k} exceeds the numerical rank of the data (X: {rank_x}, Y: {rank_y})"
+            )
+        isx, isy = 1.0 / np.sqrt(wx + lx), 1.0 / np.sqrt(wy + ly)  # (w + λ)^{-1/2}
+        if solver == "covariance":
+            # M = (Cxx+λ)^{-1/2} Cxy (Cyy+λ)^{-1/2}, in the eigenbases of Cxx and Cyy
+            Cxy = Xc.T @ Yc / (n - 1)
+            M = (isx[:, None] * (Bx.T @ Cxy @ By)) * isy[None, :]
+        else:
+            # Same matrix in sample space: B are the left singular vectors of the centred data.
+            ex, ey = np.sqrt(wx) * isx, np.sqrt(wy) * isy
+            M = (ex[:, None] * (Bx.T @ By)) * ey[None, :]
+        A, s, Vt = np.linalg.svd(M, full_matrices=False)
+        A, s, Bm = A[:, :k], s[:k], Vt[:k].T
+        if solver == "covariance":
+            Wx, Wy = Bx @ (isx[:, None] * A), By @ (isy[:, None] * Bm)
+        else:
+            # feature-space eigenvectors are Zc^T B / sqrt((n-1) w)
+            Wx = Xc.T @ (Bx @ ((isx / np.sqrt((n - 1) * wx))[:, None] * A))
+            Wy = Yc.T @ (By @ ((isy / np.sqrt((n - 1) * wy))[:, None] * Bm))
+        # Training variances of the variates (exactly 1 when λ = 0) and their correlations.
+        var_x = ((wx * isx**2)[:, None] * A**2).sum(axis=0)
+        var_y = ((wy * isy**2)[:, None] * Bm**2).sum(axis=0)
+        tiny = np.finfo(np.float64).tiny
+        sx, sy = np.sqrt(np.maximum(var_x, tiny)), np.sqrt(np.maximum(var_y, tiny))
+        Wx, Wy = Wx / sx, Wy / sy
+        corr = np.clip(s / (sx * sy), 0.0, 1.0)
+        # Deterministic signs: the largest-magnitude entry of each x weight vector is positive.
+        signs = np.sign(Wx[np.argmax(np.abs(Wx), axis=0), np.arange(k)])
+        signs[signs == 0] = 1.0
+        Wx, Wy = Wx * signs, Wy * signs
+
+        self.x_mean_, self.y_mean_ = x_mean, y_mean
+        self.x_weights_, self.y_weights_ = Wx, Wy
+        self.correlations_ = corr
+        self.reg_x_, self.reg_y_ = lx, ly
+        self.x_rank_, self.y_rank_ = rank_x, rank_y
+        self.n_features_in_, self.n_features_y_, self.n_samples_fit_ = p, q, n
+        self.solver_ = solver
+        log.debug("CCA fit: n=%d p=%d q=%d k=%d solver=%s λx=%.3g λy=%.3g ρ1=%.4f ρk=%.4f",
+                  n, p, q, k, solver, lx, ly, corr[0], corr[-1])
+        return self
+
+    # ---------------------------------------------------------------- transform
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "x_weights_"):
+            raise NotFittedError("this CCA instance is not fitted yet; call fit(X, Y) first")
+
+    def transform_x(self, X: ArrayLike) -> np.ndarray:
+        """Canonical variates of view X: ``(X - x_mean_) @ x_weights_`` [n, k] (float64 numpy)."""
+        self._check_fitted()
+        X = _as_float64_2d("X", X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features but CCA was fitted with {self.n_features_in_}")
+        return (X - self.x_mean_) @ self.x_weights_
+
+    def transform_y(self, Y: ArrayLike) -> np.ndarray:
+        """Canonical variates of view Y: ``(Y - y_mean_) @ y_weights_`` [n, k] (float64 numpy)."""
+        self._check_fitted()
+        Y = _as_float64_2d("Y", Y)
+        if Y.shape[1] != self.n_features_y_:
+            raise ValueError(f"Y has {Y.shape[1]} features but CCA was fitted with {self.n_features_y_}")
+        return (Y - self.y_mean_) @ self.y_weights_
+
+    def transform(self, X: ArrayLike, Y: ArrayLike | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """``U`` [n, k] for ``X`` alone, or ``(U, V)`` for both views (as scikit-learn's CCA)."""
+        if Y is None:
+            return self.transform_x(X)
+        return self.transform_x(X), self.transform_y(Y)
+
+    def fit_transform(self, X: ArrayLike, Y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        return self.fit(X, Y).transform(X, Y)
+
+    def score(self, X: ArrayLike, Y: ArrayLike) -> np.ndarray:
+        """Per-component Pearson correlations [k] of the variate pairs on (held-out) data."""
+        U, V = self.transform(X, Y)
+        U, V = U - U.mean(0), V - V.mean(0)
+        den = np.linalg.norm(U, axis=0) * np.linalg.norm(V, axis=0)
+        return (U * V).sum(0) / np.maximum(den, np.finfo(np.float64).tiny)
+
+    # ------------------------------------------------------- aligner interface
+    def encode(self, modality: str, x: ArrayLike) -> Tensor:
+        """Canonical variates [N, k] of ``modality``'s features ``x`` [N, d] as a float32 tensor.
+
+        Computed in torch on ``x``'s device (float64 where the device supports it).
+        """
+        self._check_fitted()
+        if modality not in self.modalities:
+            raise ValueError(f"CCA encodes {self.modalities}, not {modality!r}")
+        is_x = modality == self.modalities[0]
+        mean, W = (self.x_mean_, self.x_weights_) if is_x else (self.y_mean_, self.y_weights_)
+        x = torch.as_tensor(x)
+        if x.ndim != 2 or x.shape[1] != W.shape[0]:
+            raise ValueError(f"CCA.encode({modality!r}): expected [N, {W.shape[0]}] features, got {tuple(x.shape)}")
+        dtype = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
+        mean_t = torch.as_tensor(mean, dtype=dtype, device=x.device)
+        W_t = torch.as_tensor(W, dtype=dtype, device=x.device)
+        return ((x.to(dtype) - mean_t) @ W_t).float()
+
+    # ------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Parameters and learned arrays as a flat dict of numpy arrays (no pickle needed)."""
+        state: dict[str, np.ndarray] = {
+            "n_components": np.asarray(self.n_components),
+            "reg": np.asarray(self.reg, dtype=np.float64),
+            "reg_x": np.asarray(np.nan if self.reg_x is None else self.reg_x, dtype=np.float64),
+            "reg_y": np.asarray(np.nan if self.reg_y is None else self.reg_y, dtype=np.float64),
+            "reg_mode": np.asarray(self.reg_mode),
+            "solver": np.asarray(self.solver),
+            "modalities": np.asarray(self.modalities),
+        }
+        if hasattr(self, "x_weights_"):
+            state.update({name: np.asarray(getattr(self, name)) for name in _LEARNED})
+            state["solver_"] = np.asarray(self.solver_)
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "CCA":
+        """Rebuild a (fitted) CCA from :meth:`state_dict`'s output."""
+        missing = {"n_components", "reg", "reg_x", "reg_y", "reg_mode", "solver", "modalities"} - set(state)
+        if missing:
+            raise KeyError(f"CCA state is missing {sorted(missing)}")
+
+        def opt(v: np.ndarray) -> float | None:
+            return None if np.isnan(v) else float(v)
+
+        obj = cls(int(state["n_components"]), reg=float(state["reg"]), reg_x=opt(state["reg_x"]),
+                  reg_y=opt(state["reg_y"]), reg_mode=str(state["reg_mode"]), solver=str(state["solver"]),
+                  modalities=[str(m) for m in state["modalities"]])
+        if "x_weights_" in state:
+            for name in _LEARNED:
+                v = np.asarray(state[name])
+                setattr(obj, name, v if v.ndim else v.item())
+            obj.solver_ = str(state["solver_"])
+        return obj
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`state_dict` to an ``.npz`` file atomically (temp file + ``os.replace``)."""
+        return _save_npz(path, self.state_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CCA":
+        """Load a CCA written by :meth:`save` (``allow_pickle=False``)."""
+        return cls.from_state(_load_npz(path))
+
+
+@ALIGNERS.register("kernel_cca")
+class KernelCCA(InputSpec):
+    """Approximate RBF-kernel CCA: random Fourier features per view, then linear :class:`CCA`.
+
+    Each view ``x`` [n, d] is mapped to ``sqrt(2/m) cos(x W + b)`` [n, m] (``m = n_features``),
+    with ``W ~ N(0, 2γ)`` and ``b ~ U(0, 2π)`` drawn by scikit-learn's ``RBFSampler``; this
+    approximates the kernel ``exp(-γ ||x - x'||²)``. ``gamma="scale"`` uses ``1 / (d · Var(x))``.
+    Kernel CCA overfits without regularisation, so ``reg`` defaults to 1e-3 (relative, see
+    :class:`CCA`).
+
+    Learned attributes: ``cca_`` (the linear CCA on the features), ``x_random_weights_`` [p, m],
+    ``x_random_offset_`` [m] (and ``y_`` likewise), ``correlations_`` [k], ``n_features_in_``.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 2,
+        *,
+        n_features: int = 1024,
+        gamma: float | Literal["scale"] = "scale",
+        gamma_y: float | Literal["scale"] | None = None,
+        reg: float = 1e-3,
+        reg_mode: RegMode = "relative",
+        solver: Solver = "auto",
+        seed: int = 0,
+        modalities: Sequence[str] = ("image", "text"),
+    ) -> None:
+        self.n_components = n_components
+        self.n_features = n_features
+        self.gamma = gamma
+        self.gamma_y = gamma_y
+        self.reg = reg
+        self.reg_mode = reg_mode
+        self.solver = solver
+        self.seed = seed
+        self.modalities = tuple(modalities)
+
+    def __repr__(self) -> str:
+        return (f"KernelCCA(n_components={self.n_components}, n_features={self.n_features}, gamma={self.gamma!r}, "
+                f"gamma_y={self.gamma_y!r}, reg={self.reg}, reg_mode={self.reg_mode!r}, solver={self.solver!r}, "
+                f"seed={self.seed}, modalities={self.modalities})")
+
+    def fit(self, X: ArrayLike, Y: ArrayLike) -> "KernelCCA":
+        """Draw the random features and fit the linear CCA on them; ``X`` [n, p], ``Y`` [n, q]."""
+        from sklearn.kernel_approximation import RBFSampler
+
+        X = _as_float64_2d("X", X)
+        Y = _as_float64_2d("Y", Y)
+        if Y.shape[0] != X.shape[0]:
+            raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}: CCA needs paired rows")
+        if not isinstance(self.n_features, (int, np.integer)) or self.n_features < 1:
+            raise ValueError(f"n_features must be a positive int, got {self.n_features!r}")
+        gy = self.gamma if self.gamma_y is None else self.gamma_y
+        rx = RBFSampler(gamma=self.gamma, n_components=self.n_features, random_state=self.seed).fit(X)
+        ry = RBFSampler(gamma=gy, n_components=self.n_features, random_state=self.seed + 1).fit(Y)
+        self.x_random_weights_, self.x_random_offset_ = rx.random_weights_, rx.random_offset_
+        self.y_random_weights_, self.y_random_offset_ = ry.random_weights_, ry.random_offset_
+        self.n_features_in_, self.n_features_y_ = X.shape[1], Y.shape[1]
+        self.cca_ = CCA(self.n_components, reg=self.reg, reg_mode=self.reg_mode, solver=self.solver,
+                        modalities=self.modalities).fit(self._features(0, X), self._features(1, Y))
+        self.correlations_ = self.cca_.correlations_
+        return self
+
+    def _features(self, view: int, Z: ArrayLike) -> np.ndarray:
+        if not hasattr(self, "x_random_weights_"):
+            raise NotFittedError("this KernelCCA instance is not fitted yet; call fit(X, Y) first")
+        name = "XY"[view]
+        W, b = ((self.x_random_weights_, self.x_random_offset_) if view == 0
+                else (self.y_random_weights_, self.y_random_offset_))
+        Z = _as_float64_2d(name, Z)
+        if Z.shape[1] != W.shape[0]:
+            raise ValueError(f"{name} has {Z.shape[1]} features but KernelCCA was fitted with {W.shape[0]}")
+        return np.sqrt(2.0 / W.shape[1]) * np.cos(Z @ W + b)
+
+    def transform_x(self, X: ArrayLike) -> np.ndarray:
+        """Kernel canonical variates [n, k] of view X."""
+        return self.cca_.transform_x(self._features(0, X))
+
+    def transform_y(self, Y: ArrayLike) -> np.ndarray:
+        """Kernel canonical variates [n, k] of view Y."""
+        return self.cca_.transform_y(self._features(1, Y))
+
+    def transform(self, X: ArrayLike, Y: ArrayLike | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """``U`` for ``X`` alone, or ``(U, V)`` for both views."""
+        if Y is None:
+            return self.transform_x(X)
+        return self.transform_x(X), self.transform_y(Y)
+
+    def score(self, X: ArrayLike, Y: ArrayLike) -> np.ndarray:
+        """Per-component correlations [k] of the variate pairs on (held-out) data."""
+        return self.cca_.score(self._features(0, X), self._features(1, Y))
+
+    def encode(self, modality: str, x: ArrayLike) -> Tensor:
+        """Kernel canonical variates [N, k] of ``x`` [N, d] as float32, computed on ``x``'s device."""
+        if not hasattr(self, "cca_"):
+            raise NotFittedError("this KernelCCA instance is not fitted yet; call fit(X, Y) first")
+        if modality not in self.modalities:
+            raise ValueError(f"KernelCCA encodes {self.modalities}, not {modality!r}")
+        W, b = ((self.x_random_weights_, self.x_random_offset_) if modality == self.modalities[0]
+                else (self.y_random_weights_, self.y_random_offset_))
+        x = torch.as_tensor(x)
+        if x.ndim != 2 or x.shape[1] != W.shape[0]:
+            raise ValueError(f"KernelCCA.encode({modality!r}): expected [N, {W.shape[0]}] features, "
+                             f"got {tuple(x.shape)}")
+        dtype = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
+        W_t = torch.as_tensor(W, dtype=dtype, device=x.device)
+        b_t = torch.as_tensor(b, dtype=dtype, device=x.device)
+        feats = (2.0 / W.shape[1]) ** 0.5 * torch.cos(x.to(dtype) @ W_t + b_t)
+        return self.cca_.encode(modality, feats)
+
+    _ARRAYS = ("x_random_weights_", "x_random_offset_", "y_random_weights_", "y_random_offset_")
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Parameters, random features and the inner CCA's state (keys ``cca.*``) as numpy arrays."""
+        def g(v: Any) -> np.ndarray:  # gamma: "scale", a float, or None (stored as "")
+            return np.asarray("" if v is None else v if isinstance(v, str) else float(v))
+
+        state = {"n_components": np.asarray(self.n_components), "n_features": np.asarray(self.n_features),
+                 "gamma": g(self.gamma), "gamma_y": g(self.gamma_y), "reg": np.asarray(float(self.reg)),
+                 "reg_mode": np.asarray(self.reg_mode), "solver": np.asarray(self.solver),
+                 "seed": np.asarray(self.seed), "modalities": np.asarray(self.modalities)}
+        if hasattr(self, "cca_"):
+            state.update({name: getattr(self, name) for name in self._ARRAYS})
+            state.update({f"cca.{k}": v for k, v in self.cca_.state_dict().items()})
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "KernelCCA":
+        """Rebuild a (fitted) KernelCCA from :meth:`state_dict`'s output."""
+        def g(v: np.ndarray) -> float | str | None:
+            return (None if str(v) == "" else str(v)) if v.dtype.kind == "U" else float(v)
+
+        obj = cls(int(state["n_components"]), n_features=int(state["n_features"]), gamma=g(state["gamma"]),
+                  gamma_y=g(state["gamma_y"]), reg=float(state["reg"]), reg_mode=str(state["reg_mode"]),
+                  solver=str(state["solver"]), seed=int(state["seed"]),
+                  modalities=[str(m) for m in state["modalities"]])
+        if "cca.x_weights_" in state:
+            for name in cls._ARRAYS:
+                setattr(obj, name, np.asarray(state[name]))
+            obj.cca_ = CCA.from_state({k[4:]: v for k, v in state.items() if k.startswith("cca.")})
+            obj.correlations_ = obj.cca_.correlations_
+            obj.n_features_in_ = obj.x_random_weights_.shape[0]
+            obj.n_features_y_ = obj.y_random_weights_.shape[0]
+        return obj
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`state_dict` to an ``.npz`` file atomically."""
+        return _save_npz(path, self.state_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "KernelCCA":
+        """Load a KernelCCA written by :meth:`save` (``allow_pickle=False``)."""
+        return cls.from_state(_load_npz(path))
+
+
+def _save_npz(path: str | os.PathLike, state: dict[str, np.ndarray]) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the name
+        np.savez(f, **state)
+    os.replace(tmp, path)
+    return path
+
+
+def _load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
