@@ -1,0 +1,54 @@
+"""alignfuse.fusion: fusion strategies at data, feature and decision level.
+
+Build one by its report name, ``build_fusion("<level>/<operator>", **cfg)``; ``FUSIONS.names()``
+lists them. Missing-modality convention and parameter counting: see :mod:`fusion._common`.
+"""
+from fusion._common import FusionModule, fusion_module_params, mask_key, model_params
+from fusion.base import FUSIONS, LEVELS, build_fusion
+from fusion.data_level import ChannelStackFusion, InputConcatFusion, small_cnn, widen_first_conv
+from fusion.decision_level import (
+    DecisionFusion,
+    LateFusionHeads,
+    MeanFusion,
+    StackingFusion,
+    VoteFusion,
+    WeightedFusion,
+    combine_probabilities,
+)
+from fusion.feature_level import (
+    ConcatFusion,
+    CrossAttentionFusion,
+    FeatureFusion,
+    GatedFusion,
+    LowRankFusion,
+    SumFusion,
+    TensorFusion,
+)
+
+__all__ = [
+    "FUSIONS",
+    "LEVELS",
+    "ChannelStackFusion",
+    "ConcatFusion",
+    "CrossAttentionFusion",
+    "DecisionFusion",
+    "FeatureFusion",
+    "FusionModule",
+    "GatedFusion",
+    "InputConcatFusion",
+    "LateFusionHeads",
+    "LowRankFusion",
+    "MeanFusion",
+    "StackingFusion",
+    "SumFusion",
+    "TensorFusion",
+    "VoteFusion",
+    "WeightedFusion",
+    "build_fusion",
+    "combine_probabilities",
+    "fusion_module_params",
+    "mask_key",
+    "model_params",
+    "small_cnn",
+    "widen_first_conv",
+]
