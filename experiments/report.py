@@ -1,0 +1,181 @@
+"""Reports: aggregate results over seeds, write Markdown tables and PNG plots.
+
+Plots are written with matplotlib's Agg backend (no display needed); every function that writes
+a picture returns its path so the caller can link it relatively from ``report.md``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def aggregate_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of every numeric leaf of nested dicts, plus ``<key>_std`` beside each.
+
+    ``runs`` are per-seed result dicts of identical structure; non-numeric leaves are taken from the first.
+    """
+    first = runs[0]
+    out: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, Mapping):
+            out[key] = aggregate_seeds([r[key] for r in runs])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            m, s = mean_std(r[key] for r in runs)
+            out[key] = m
+            out[f"{key}_std"] = s
+        else:
+            out[key] = value
+    return out
+
+
+def fmt(mean: float, std: float | None = None, digits: int = 1) -> str:
+    """``12.3 ± 0.4`` (or just the mean where std is None)."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if std is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub-flavoured Markdown table; ``align`` is one char per column from 'lrc'."""
+    rows = [[str(c) for c in r] for r in rows]
+    align = align or ("l" + "r" * (len(headers) - 1))
+    sep = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep[a] for a in align) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def grouped_bars(path: str | Path, groups: Sequence[str], series: Mapping[str, Sequence[float]],
+                 errors: Mapping[str, Sequence[float]] | None = None, ylabel: str = "", title: str = "") -> Path:
+    """Bars per group (x axis), one colour per series (e.g. groups=aligners, series=R@1/R@5/R@10)."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) * max(1, len(series)) / 2), 4))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (name, vals) in enumerate(series.items()):
+        err = errors.get(name) if errors else None
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, yerr=err, label=name, capsize=2)
+    ax.set_xticks(x, groups, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def curves(path: str | Path, lines: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,
+           ylabel: str, title: str = "", logy: bool = False, styles: Mapping[str, str] | None = None) -> Path:
+    """Line plot of named (x, y) series on a shared axis."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, (xs, ys) in lines.items():
+        ax.plot(xs, ys, (styles or {}).get(name, "-"), label=name, marker="o" if len(xs) < 15 else None, ms=3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def shared_space_map(path: str | Path, image_emb: np.ndarray, text_emb: np.ndarray, image_labels: Sequence[str],
+                     text_labels: Sequence[str], title: str = "") -> Path:
+    """2-D PCA map of image (circles) and text (crosses) points of a shared space, coloured by class."""
+    z = np.concatenate([image_emb, text_emb]).astype(np.float64)
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    z -= z.mean(0)
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    xy = z @ vt[:2].T
+    classes = sorted(set(image_labels) | set(text_labels))
+    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    n = len(image_emb)
+    for ci, c in enumerate(classes):
+        im = [i for i, l in enumerate(image_labels) if l == c]
+        tx = [n + i for i, l in enumerate(text_labels) if l == c]
+        ax.scatter(xy[im, 0], xy[im, 1], s=14, color=cmap(ci % 10), marker="o", alpha=0.7, label=f"{c} (image)")
+        ax.scatter(xy[tx, 0], xy[tx, 1], s=22, color=cmap(ci % 10), marker="x", alpha=0.9)
+    ax.set_title(title or "shared space (PCA): o image, x text")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _save(fig, path)
+
+
+def image_grid(path: str | Path, images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], ncols: int = 4,
+               title: str = "") -> Path:
+    """Images (uint8 [H,W,3]) with a few lines of text under each."""
+    n = len(images)
+    nrows = max(1, math.ceil(n / ncols))
+    nlines = max((len(c) for c in captions), default=1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, (2.6 + 0.28 * nlines) * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (img, lines) in enumerate(zip(images, captions)):
+        ax = axes.flat[i]
+        ax.imshow(img)
+        ax.set_title("\n".join(_wrap(l, 42) for l in lines), fontsize=7, loc="left", y=-0.02 - 0.1 * nlines,
+                     va="top")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _wrap(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
