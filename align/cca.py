@@ -114,6 +114,10 @@ class CCA(InputSpec):
         reg_mode: ``"relative"`` (ridge = reg × mean feature variance) or ``"absolute"``.
         solver: ``"auto"``, ``"covariance"`` (feature space) or ``"gram"`` (sample space).
         modalities: names of the X and Y views, for ``encode(modality, x)``.
+        encode_power: :meth:`encode` (the aligner interface, used for retrieval) scales variate j by
+            ``correlations_[j] ** encode_power``, so weakly correlated, noisy pairs count less in the
+            cosine — the eigenvalue weighting of Gong et al. (IJCV 2014), who use power 4. ``0``
+            gives the plain variates; :meth:`transform` always returns the plain variates.
 
     Learned attributes: ``x_mean_`` [p], ``y_mean_`` [q], ``x_weights_`` [p, k], ``y_weights_``
     [q, k] (projection matrices: ``U = (X - x_mean_) @ x_weights_``), ``correlations_`` [k]
@@ -133,6 +137,7 @@ class CCA(InputSpec):
         reg_mode: RegMode = "relative",
         solver: Solver = "auto",
         modalities: Sequence[str] = ("image", "text"),
+        encode_power: float = 4.0,
     ) -> None:
         self.n_components = n_components
         self.reg = reg
@@ -141,10 +146,12 @@ class CCA(InputSpec):
         self.reg_mode = reg_mode
         self.solver = solver
         self.modalities = tuple(modalities)
+        self.encode_power = encode_power
 
     def __repr__(self) -> str:
         return (f"CCA(n_components={self.n_components}, reg={self.reg}, reg_x={self.reg_x}, reg_y={self.reg_y}, "
-                f"reg_mode={self.reg_mode!r}, solver={self.solver!r}, modalities={self.modalities})")
+                f"reg_mode={self.reg_mode!r}, solver={self.solver!r}, modalities={self.modalities}, "
+                f"encode_power={self.encode_power})")
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self) -> tuple[float, float]:
@@ -270,7 +277,8 @@ class CCA(InputSpec):
 
     # ------------------------------------------------------- aligner interface
     def encode(self, modality: str, x: ArrayLike) -> Tensor:
-        """Canonical variates [N, k] of ``modality``'s features ``x`` [N, d] as a float32 tensor.
+        """Canonical variates [N, k] of ``modality``'s features ``x`` [N, d], each scaled by
+        ``correlations_ ** encode_power``, as a float32 tensor.
 
         Computed in torch on ``x``'s device (float64 where the device supports it).
         """
@@ -285,7 +293,9 @@ class CCA(InputSpec):
         dtype = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
         mean_t = torch.as_tensor(mean, dtype=dtype, device=x.device)
         W_t = torch.as_tensor(W, dtype=dtype, device=x.device)
-        return ((x.to(dtype) - mean_t) @ W_t).float()
+        scale = torch.as_tensor(np.clip(self.correlations_, 0.0, None) ** self.encode_power, dtype=dtype,
+                                device=x.device)
+        return ((x.to(dtype) - mean_t) @ W_t * scale).float()
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -298,6 +308,7 @@ class CCA(InputSpec):
             "reg_mode": np.asarray(self.reg_mode),
             "solver": np.asarray(self.solver),
             "modalities": np.asarray(self.modalities),
+            "encode_power": np.asarray(self.encode_power, dtype=np.float64),
         }
         if hasattr(self, "x_weights_"):
             state.update({name: np.asarray(getattr(self, name)) for name in _LEARNED})
@@ -316,7 +327,8 @@ class CCA(InputSpec):
 
         obj = cls(int(state["n_components"]), reg=float(state["reg"]), reg_x=opt(state["reg_x"]),
                   reg_y=opt(state["reg_y"]), reg_mode=str(state["reg_mode"]), solver=str(state["solver"]),
-                  modalities=[str(m) for m in state["modalities"]])
+                  modalities=[str(m) for m in state["modalities"]],
+                  encode_power=float(state.get("encode_power", 0.0)))
         if "x_weights_" in state:
             for name in _LEARNED:
                 v = np.asarray(state[name])
@@ -342,7 +354,7 @@ class KernelCCA(InputSpec):
     with ``W ~ N(0, 2γ)`` and ``b ~ U(0, 2π)`` drawn by scikit-learn's ``RBFSampler``; this
     approximates the kernel ``exp(-γ ||x - x'||²)``. ``gamma="scale"`` uses ``1 / (d · Var(x))``.
     Kernel CCA overfits without regularisation, so ``reg`` defaults to 1e-3 (relative, see
-    :class:`CCA`).
+    :class:`CCA`); ``encode_power`` as in :class:`CCA`.
 
     Learned attributes: ``cca_`` (the linear CCA on the features), ``x_random_weights_`` [p, m],
     ``x_random_offset_`` [m] (and ``y_`` likewise), ``correlations_`` [k], ``n_features_in_``.
@@ -360,7 +372,9 @@ class KernelCCA(InputSpec):
         solver: Solver = "auto",
         seed: int = 0,
         modalities: Sequence[str] = ("image", "text"),
+        encode_power: float = 4.0,
     ) -> None:
+        self.encode_power = encode_power
         self.n_components = n_components
         self.n_features = n_features
         self.gamma = gamma
@@ -393,7 +407,8 @@ class KernelCCA(InputSpec):
         self.y_random_weights_, self.y_random_offset_ = ry.random_weights_, ry.random_offset_
         self.n_features_in_, self.n_features_y_ = X.shape[1], Y.shape[1]
         self.cca_ = CCA(self.n_components, reg=self.reg, reg_mode=self.reg_mode, solver=self.solver,
-                        modalities=self.modalities).fit(self._features(0, X), self._features(1, Y))
+                        modalities=self.modalities, encode_power=self.encode_power)
+        self.cca_.fit(self._features(0, X), self._features(1, Y))
         self.correlations_ = self.cca_.correlations_
         return self
 
@@ -454,7 +469,8 @@ class KernelCCA(InputSpec):
         state = {"n_components": np.asarray(self.n_components), "n_features": np.asarray(self.n_features),
                  "gamma": g(self.gamma), "gamma_y": g(self.gamma_y), "reg": np.asarray(float(self.reg)),
                  "reg_mode": np.asarray(self.reg_mode), "solver": np.asarray(self.solver),
-                 "seed": np.asarray(self.seed), "modalities": np.asarray(self.modalities)}
+                 "seed": np.asarray(self.seed), "modalities": np.asarray(self.modalities),
+                 "encode_power": np.asarray(float(self.encode_power))}
         if hasattr(self, "cca_"):
             state.update({name: getattr(self, name) for name in self._ARRAYS})
             state.update({f"cca.{k}": v for k, v in self.cca_.state_dict().items()})
@@ -469,7 +485,8 @@ class KernelCCA(InputSpec):
         obj = cls(int(state["n_components"]), n_features=int(state["n_features"]), gamma=g(state["gamma"]),
                   gamma_y=g(state["gamma_y"]), reg=float(state["reg"]), reg_mode=str(state["reg_mode"]),
                   solver=str(state["solver"]), seed=int(state["seed"]),
-                  modalities=[str(m) for m in state["modalities"]])
+                  modalities=[str(m) for m in state["modalities"]],
+                  encode_power=float(state.get("encode_power", 0.0)))
         if "cca.x_weights_" in state:
             for name in cls._ARRAYS:
                 setattr(obj, name, np.asarray(state[name]))

@@ -448,6 +448,24 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(f"\nChance R@1: image→text {ch['image_to_text_R@1']:.2f} %, text→image "
                      f"{ch['text_to_image_R@1']:.2f} %; hard-negative chance 50 %. Mean ± std over seeds "
                      f"{results['seeds']}.")
+    zs_rows = []
+    for name, r in results["aligners"].items():
+        zs = r.get("zero_shot")
+        if zs and zs.get("unseen", {}).get("hit@1") is not None:
+            zs_rows.append([name] + [fmt(100 * zs[part][f"hit@{k}"], 100 * zs[part].get(f"hit@{k}_std", 0.0))
+                                     for part in ("seen", "unseen", "unseen_only") for k in (1, 5)])
+    if zs_rows:
+        lines.append("\nZero-shot label prediction (flat hit@k %, held-out colour–shape combinations; seen/unseen "
+                     "search all labels, unseen-only searches the unseen labels):\n")
+        lines.append(markdown_table(["aligner", "seen hit@1", "seen hit@5", "unseen hit@1", "unseen hit@5",
+                                     "unseen-only hit@1", "unseen-only hit@5"], zs_rows))
+    for ratio_name, by_ratio in results.get("pairing", {}).items():
+        full = results["aligners"][ratio_name]
+        rows = [["1.0", fmt(full["rsum"], full["rsum_std"])]] + [
+            [ratio, fmt(r["rsum"], r["rsum_std"])] for ratio, r in by_ratio.items()]
+        lines.append(f"\n{ratio_name}: retrieval rsum vs. share of training pairs known to be paired (the rest "
+                     "train only reconstruction and cycle terms):\n")
+        lines.append(markdown_table(["pairing ratio", "rsum"], rows))
     for name, why in results.get("skipped", {}).items():
         lines.append(f"\n{name}: skipped ({why}).")
     return "\n".join(lines)

@@ -199,8 +199,12 @@ def test_encode_aligner_interface_and_registry():
     z_txt = encode_in_batches(model, "text", torch.from_numpy(Y).float(), batch_size=64)
     assert z_img.dtype == torch.float32 and z_img.shape == (300, 3) and z_txt.shape == (300, 3)
     U, V = model.transform(X, Y)
-    np.testing.assert_allclose(z_img.numpy(), U, atol=1e-4)
-    np.testing.assert_allclose(z_txt.numpy(), V, atol=1e-4)
+    weight = model.correlations_ ** 4  # default encode_power: Gong et al.'s eigenvalue weighting
+    np.testing.assert_allclose(z_img.numpy(), U * weight, atol=1e-4)
+    np.testing.assert_allclose(z_txt.numpy(), V * weight, atol=1e-4)
+    plain = CCA(3, encode_power=0).fit(X, Y)
+    np.testing.assert_allclose(plain.encode("image", torch.from_numpy(X)).numpy(), U, atol=1e-4)
+    assert CCA.from_state(model.state_dict()).encode_power == 4.0
     with pytest.raises(ValueError, match="not 'depth'"):
         model.encode("depth", torch.zeros(2, 8))
     with pytest.raises(ValueError, match=r"expected \[N, 6\]"):
@@ -222,7 +226,7 @@ def test_kernel_cca_finds_nonlinear_dependence():
     kernel.fit(X[tr], Y[tr])
     assert abs(linear[0]) < 0.2 and kernel.score(X[te], Y[te])[0] > 0.8
     z = kernel.encode("image", torch.from_numpy(X[te]))
-    np.testing.assert_allclose(z.numpy(), kernel.transform(X[te]), atol=1e-4)
+    np.testing.assert_allclose(z.numpy(), kernel.transform(X[te]) * kernel.correlations_ ** 4, atol=1e-4)
 
 
 def test_kernel_cca_save_load(tmp_path):
