@@ -16,6 +16,9 @@ _EXPORTS = {
     "DeViSE": "align.devise", "flat_hit_at_k": "align.devise", "zero_shot_eval": "align.devise",
     "GNNAligner": "align.gnn", "GraphTensors": "align.graphs", "GraphTextDataset": "align.graphs",
     "TextGraphBuilder": "align.graphs", "build_caption_graphs": "align.graphs", "caption_to_graph": "align.graphs",
+    "CONNECTORS": "align.connectors", "build_connector": "align.connectors", "MultimodalLM": "align.mllm",
+    "load_llm": "align.llm", "seed_connector": "align.seeding", "export_llava_projector": "align.export",
+    "load_llava_projector": "align.export", "export_hf_projector": "align.export",
 }
 __all__ = sorted(_EXPORTS)
 
