@@ -58,6 +58,8 @@ DEMO_BRIDGE: dict[str, Any] = {
     "data": {"n_scenes": 1500},
     "connectors": ["mlp2x_gelu"],
     "inits": ["seeded", "random"],
+    "train": {"max_steps": 40, "eval_every": 10},
+    "eval": {"n_eval_images": 16, "n_val_captions": 16},
 }
 
 
