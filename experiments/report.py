@@ -158,24 +158,23 @@ def shared_space_map(path: str | Path, image_emb: np.ndarray, text_emb: np.ndarr
 
 
 def image_grid(path: str | Path, images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], ncols: int = 4,
-               title: str = "") -> Path:
-    """Images (uint8 [H,W,3]) with a few lines of text under each."""
+               title: str = "", width: int = 44) -> Path:
+    """Images (uint8 [H,W,3]) with their lines of text (wrapped at ``width`` characters) under each."""
+    import textwrap
+
+    wrapped = ["\n".join(textwrap.fill(line, width) for line in lines) for lines in captions]
     n = len(images)
     nrows = max(1, math.ceil(n / ncols))
-    nlines = max((len(c) for c in captions), default=1)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, (2.6 + 0.28 * nlines) * nrows), squeeze=False)
+    text_lines = max((w.count("\n") + 1 for w in wrapped), default=1)
+    fig, axes = plt.subplots(nrows * 2, ncols, figsize=(3.6 * ncols, (2.8 + 0.16 * text_lines) * nrows), squeeze=False,
+                             gridspec_kw={"height_ratios": [2.8, 0.16 * text_lines] * nrows})
     for ax in axes.flat:
         ax.axis("off")
-    for i, (img, lines) in enumerate(zip(images, captions)):
-        ax = axes.flat[i]
-        ax.imshow(img)
-        ax.set_title("\n".join(_wrap(l, 42) for l in lines), fontsize=7, loc="left", y=-0.02 - 0.1 * nlines,
-                     va="top")
+    for i, (img, text) in enumerate(zip(images, wrapped)):
+        r, c = divmod(i, ncols)
+        axes[2 * r, c].imshow(img)
+        axes[2 * r + 1, c].text(0.0, 1.0, text, fontsize=7, va="top", ha="left", family="monospace",
+                                transform=axes[2 * r + 1, c].transAxes)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return _save(fig, path)
-
-
-def _wrap(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"

@@ -451,7 +451,7 @@ def format_results(results: dict[str, Any]) -> str:
     zs_rows = []
     for name, r in results["aligners"].items():
         zs = r.get("zero_shot")
-        if zs and zs.get("unseen", {}).get("hit@1") is not None:
+        if zs and np.isfinite(zs.get("unseen", {}).get("hit@1", float("nan"))):
             zs_rows.append([name] + [fmt(100 * zs[part][f"hit@{k}"], 100 * zs[part].get(f"hit@{k}_std", 0.0))
                                      for part in ("seen", "unseen", "unseen_only") for k in (1, 5)])
     if zs_rows:
