@@ -455,7 +455,7 @@ def format_results(results: dict[str, Any]) -> str:
             zs_rows.append([name] + [fmt(100 * zs[part][f"hit@{k}"], 100 * zs[part].get(f"hit@{k}_std", 0.0))
                                      for part in ("seen", "unseen", "unseen_only") for k in (1, 5)])
     if zs_rows:
-        lines.append("\nZero-shot label prediction (flat hit@k %, held-out colour–shape combinations; seen/unseen "
+        lines.append("\nZero-shot label prediction (flat hit@k %, labels held out of training; seen/unseen "
                      "search all labels, unseen-only searches the unseen labels):\n")
         lines.append(markdown_table(["aligner", "seen hit@1", "seen hit@5", "unseen hit@1", "unseen hit@5",
                                      "unseen-only hit@1", "unseen-only hit@5"], zs_rows))
