@@ -23,6 +23,19 @@ def fingerprint(name: str, version: int, config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def replace_config(config: Any, overrides: dict[str, Any], what: str) -> Any:
+    """``dataclasses.replace(config, **overrides)``, failing with the known option names on an unknown one."""
+    import dataclasses
+
+    if not overrides:
+        return config
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return dataclasses.replace(config, **overrides)
+
+
 def seeded_splits(
     n: int,
     fractions: dict[str, float],

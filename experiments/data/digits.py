@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments.data._common import CaptionedSplits, check_fractions, fingerprint as _fingerprint
+from experiments.data._common import CaptionedSplits, check_fractions, replace_config
+from experiments.data._common import fingerprint as _fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,7 @@ def load_digits(config: DigitsConfig | None = None, **overrides: Any) -> DigitsD
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
-    config = config or DigitsConfig()
-    if overrides:
-        known = {f.name for f in dataclasses.fields(DigitsConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown digits option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        config = dataclasses.replace(config, **overrides)
+    config = replace_config(config or DigitsConfig(), overrides, "digits")
 
     raw = sk_load_digits()
     images = (raw.images / 16.0).astype(np.float32)  # [N, 8, 8], 0..16 ink counts -> [0, 1]

@@ -59,6 +59,7 @@ from experiments.data._common import (
     fingerprint as _fingerprint,
     gc_paused,
     load_json,
+    replace_config,
     save_json,
     seeded_splits,
     write_dir_atomically,
@@ -343,13 +344,7 @@ def load_shapesworld(
     ``align.weights.cache_root()/datasets``). ``use_cache=False`` neither reads nor writes it. Arrays read from
     the cache are memory-mapped read-only. Unknown option names or invalid values raise ValueError.
     """
-    config = config or ShapesWorldConfig()
-    if overrides:
-        known = {f.name for f in dataclasses.fields(ShapesWorldConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown ShapesWorld option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        config = dataclasses.replace(config, **overrides)
+    config = replace_config(config or ShapesWorldConfig(), overrides, "ShapesWorld")
     fp = shapesworld_fingerprint(config)
     if not use_cache:
         return generate_shapesworld(config)

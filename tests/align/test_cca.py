@@ -9,13 +9,7 @@ from align import CCA, KernelCCA, build_aligner, is_closed_form
 from align.base import encode_in_batches
 
 
-@pytest.fixture(autouse=True)
-def single_blas_thread():
-    """Small matrices: one BLAS thread avoids oversubscription stalls on a shared CPU."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def two_views(n: int, p: int, q: int, k: int = 3, noise: float = 1.0, seed: int = 0):

@@ -20,13 +20,7 @@ TINY_TOWERS = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _paired_features(n: int, d_img: int = 20, d_txt: int = 12, grid: int | None = None, seed: int = 0):

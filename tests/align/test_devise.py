@@ -11,13 +11,7 @@ from align import build_aligner
 from align.devise import DeViSE, HingeRankLoss, flat_hit_at_k, zero_shot_eval
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _brute_force_hinge(scores: torch.Tensor, labels: torch.Tensor, margin: float, hardest: bool) -> torch.Tensor:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from fusion import ChannelStackFusion, InputConcatFusion, build_fusion, fusion_module_params, model_params
@@ -14,14 +13,7 @@ B = 4
 H = W = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny arrays: one thread (torch, BLAS, OpenMP) avoids oversubscription on shared runners (10-30x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rgbd(seed: int = 0, n: int = B) -> dict[str, torch.Tensor]:

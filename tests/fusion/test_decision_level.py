@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_predict
@@ -28,14 +27,7 @@ C = 3
 DECISION_NAMES = ["decision/mean", "decision/weighted", "decision/vote", "decision/stacking"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny arrays: one thread (torch, BLAS, OpenMP) avoids oversubscription on shared runners (10-30x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dataset(n: int = 150, seed: int = 0) -> dict[str, np.ndarray]:
