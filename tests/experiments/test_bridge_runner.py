@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from experiments.config import ConfigError
@@ -12,7 +13,8 @@ from experiments.runners import bridge
 def test_load_defaults_and_errors():
     cfg = bridge.load({}, "bridge.yaml")
     assert cfg.connectors == ["linear", "mlp2x_gelu"] and cfg.inits == ["seeded", "random"]
-    assert cfg.train.max_steps == 60 and cfg.train.monitor == "val_caption_nll"
+    assert cfg.train.max_steps == 150 and cfg.train.monitor == "val_caption_nll"
+    assert cfg.vision.encoder == "mobilenet_v2" and cfg.seeding.fit_on == "tokens"
     cfg = bridge.load({"train": {"max_steps": 5, "lr": "3e-4"}, "connector_options": {"perceiver": {"dim": 64}}})
     assert cfg.train.lr == 3e-4 and cfg.connector_options == {"perceiver": {"dim": 64}}
     with pytest.raises(ConfigError, match=r"unknown connector 'resampler'.*known connectors: gated_xattn, linear, "
@@ -26,6 +28,14 @@ def test_load_defaults_and_errors():
         bridge.load({"seeding": {"method": "ols"}})
     with pytest.raises(ConfigError, match="connector_options.qformer.num_latents"):
         bridge.load({"connector_options": {"qformer": {"num_latents": 4}}})
+    with pytest.raises(ConfigError, match="unknown vision.encoder 'resnet'; known encoders: .*open_clip_image"):
+        bridge.load({"vision": {"encoder": "resnet"}})
+    with pytest.raises(ConfigError, match="vision.encoder 'minilm' encodes text, not images"):
+        bridge.load({"vision": {"encoder": "minilm"}})
+    with pytest.raises(ConfigError, match="vision.options.model"):
+        bridge.load({"vision": {"encoder": "open_clip_image", "options": {"model": "ViT-B-32"}}})
+    with pytest.raises(ConfigError, match="seeding.fit_on must be one of tokens, pooled"):
+        bridge.load({"seeding": {"fit_on": "cells"}})
     with pytest.raises(ConfigError, match="unknown key config.optimizer"):
         bridge.load({"optimizer": "sgd"})
 
@@ -72,6 +82,10 @@ def test_run_end_to_end_with_a_tiny_llama(tmp_path):
         assert len(r["curves"]["train_loss"]) == 3
         assert 0.0 <= r["attribute_accuracy"] <= 1.0 and 0.0 <= r["hard_negative_ranking"] <= 100.0
     xa = results["runs"]["gated_xattn/random"]
+    assert xa["gain_vs_no_image_step0"]["gain"] == pytest.approx(0.0, abs=1e-5)
+    g = results["runs"]["mlp2x_gelu/seeded"]["gain_vs_shuffled"]
+    assert g["ci95"][0] <= g["gain"] <= g["ci95"][1]
+    assert results["setup"]["aligner"]["fit_on"] == "tokens"
     assert xa["caption_nll_step0"] == pytest.approx(xa["no_image_nll"], abs=1e-5)  # gates at 0: the bare LM
     assert set(results["comparisons"]) == {"mlp2x_gelu", "gated_xattn"}
     assert "seed_map" in results["setup"] and results["exported_connector"] == "mlp2x_gelu"
@@ -83,3 +97,57 @@ def test_run_end_to_end_with_a_tiny_llama(tmp_path):
     assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys()
     table = bridge.format_results(results)
     assert table.count("\n| mlp2x_gelu/") == 2 and "fraction of random's steps" in table
+
+
+def test_aligner_pairs_tokens_pair_each_cell_with_a_caption_of_its_image():
+    rng = np.random.default_rng(0)
+    grid = rng.normal(size=(10, 4, 3)).astype(np.float32)  # 10 images, 4 cells
+    pooled = grid.mean(1)
+    image_idx = np.array([1, 3, 5, 7])  # the split's images
+    t2i = np.array([0, 0, 1, 2, 2, 2, 3])  # caption row -> position in image_idx
+    text = np.arange(7, dtype=np.float64)[:, None] * np.ones((1, 2))  # caption row r has features [r, r]
+
+    img, txt = bridge._aligner_pairs("pooled", pooled, grid, image_idx, t2i, text)
+    np.testing.assert_array_equal(img, pooled[image_idx][t2i])
+    assert txt is text
+
+    img, txt = bridge._aligner_pairs("tokens", pooled, grid, image_idx, t2i, text, seed=1)
+    assert img.shape == (16, 3) and txt.shape == (16, 2)  # every cell of every image once
+    for cell, caption in zip(img, txt[:, 0].astype(int)):
+        pos = t2i[caption]  # the caption's image: the cell must be one of its cells
+        assert any(np.array_equal(cell, c) for c in grid[image_idx[pos]]), (cell, caption)
+    assert {tuple(c) for c in img} == {tuple(c) for c in grid[image_idx].reshape(-1, 3)}
+
+    img, txt = bridge._aligner_pairs("tokens", pooled, grid, image_idx, t2i, text, max_rows=5)
+    assert img.shape == (5, 3) and txt.shape == (5, 2)
+
+
+def test_paired_gain_matches_hand_computation_and_checks_pairing():
+    counts = np.array([2.0, 4.0, 4.0])
+    control = (np.array([4.0, 8.0, 12.0]), counts)  # per token 2, 2, 3
+    image = (np.array([2.0, 8.0, 4.0]), counts)  # per token 1, 2, 1
+    g = bridge.paired_gain(control, image, n_boot=500)
+    assert g["gain"] == pytest.approx((2 + 0 + 8) / 10)
+    assert g["captions_better_pct"] == pytest.approx(100 * 2 / 3)
+    assert g["ci95"][0] <= g["gain"] <= g["ci95"][1] and g["ci95"][0] >= 0.0
+    with pytest.raises(ValueError, match="same captions"):
+        bridge.paired_gain(control, (image[0], counts + 1))
+
+
+def test_run_with_an_open_clip_vision_tower(tmp_path):
+    """vision.encoder=open_clip_image: a (tiny, random) ViT's patch tokens feed the connector."""
+    tiny_clip = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                                 "head_width": 32},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    raw = {"data": {"n_scenes": 40, "image_size": 64},
+           "vision": {"encoder": "open_clip_image", "options": {"model_name": tiny_clip, "seed": 1}},
+           "llm": {"name_or_path": "tiny", "max_caption_tokens": 12, "prompt": "Caption:"},
+           "connectors": ["linear"], "inits": ["seeded"],
+           "seeding": {"n_components": 4, "scales": [1.0], "n_calibration_captions": 4},
+           "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2, "log_every": 1, "progress": False},
+           "eval": {"n_eval_images": 3, "captions_per_image": 1, "max_new_tokens": 2, "n_val_captions": 3},
+           "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")}
+    results = bridge.run(bridge.load(raw))
+    assert results["setup"]["vision_encoder"].endswith("-image")
+    assert results["setup"]["grid_shape"][1:] == [16, 64]  # 4x4 patches of a 64-wide ViT
+    assert results["runs"]["linear/seeded"]["n_trainable"] == 64 * 64 + 64  # tiny Llama width 64
