@@ -59,7 +59,7 @@ DEMO_BRIDGE: dict[str, Any] = {
     "connectors": ["mlp2x_gelu"],
     "inits": ["seeded", "random"],
     "train": {"max_steps": 40, "eval_every": 10},
-    "eval": {"n_eval_images": 16, "n_val_captions": 16},
+    "eval": {"n_eval_images": 16, "captions_per_image": 2, "n_val_captions": 16},
 }
 
 

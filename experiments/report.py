@@ -133,6 +133,41 @@ def curves(path: str | Path, lines: Mapping[str, tuple[Sequence[float], Sequence
     return _save(fig, path)
 
 
+def curve_panels(path: str | Path, panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+                 xlabel: str, ylabel: str, title: str = "", styles: Mapping[str, str] | None = None,
+                 colours: Mapping[str, str] | None = None, ncols: int = 3) -> Path:
+    """Small multiples: one panel per key of ``panels`` (each a ``curves``-style mapping of named series),
+    a shared y axis, and one colour per series name across panels (so "seeded val" looks the same everywhere;
+    ``colours`` overrides it per name, e.g. one colour for a run's train and val lines)."""
+    names = list(dict.fromkeys(n for lines in panels.values() for n in lines))
+    cmap = plt.get_cmap("tab10")
+    colour = {n: (colours or {}).get(n, cmap(i % 10)) for i, n in enumerate(names)}
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.8 * nrows), sharey=True, squeeze=False,
+                             layout="constrained")
+    for ax, (panel, lines) in zip(axes.flat, panels.items()):
+        for name, (xs, ys) in lines.items():
+            ax.plot(xs, ys, (styles or {}).get(name, "-"), color=colour[name], label=name,
+                    marker="o" if len(xs) < 15 else None, ms=3)
+        ax.set_title(panel, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel(xlabel, fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    spare = list(axes.flat)[len(panels):]
+    if spare:  # the legend goes into the first empty panel
+        spare[0].legend(handles, labels, loc="center", fontsize=8)
+    else:
+        fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncol=len(labels))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 def shared_space_map(path: str | Path, image_emb: np.ndarray, text_emb: np.ndarray, image_labels: Sequence[str],
                      text_labels: Sequence[str], title: str = "") -> Path:
     """2-D PCA map of image (circles) and text (crosses) points of a shared space, coloured by class."""

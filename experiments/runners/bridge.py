@@ -751,18 +751,23 @@ def _comparisons(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _plot(runs: dict[str, dict[str, Any]], path: Path) -> Path:
-    from experiments.report import curves
+    """One panel per connector: validation (solid) and training (dotted) caption NLL, seeded vs random."""
+    from experiments.report import curve_panels
 
-    lines, styles = {}, {}
+    panels: dict[str, dict[str, tuple[list, list]]] = {}
+    styles = {}
     for key, r in runs.items():
+        name, init = key.split("/")
         for label, curve, style in (("val", r["curves"]["val_caption_nll"], "-"),
                                     ("train", r["curves"]["train_loss"], ":")):
             if curve:
-                name = f"{key} {label}"
-                lines[name] = ([c[0] for c in curve], [c[1] for c in curve])
-                styles[name] = style
-    return curves(path, lines, xlabel="optimiser step", ylabel="caption NLL per token (nats)",
-                  title="ShapesWorld captioning: seeded vs random connector init", styles=styles)
+                line = f"{init} {label}"
+                panels.setdefault(name, {})[line] = ([c[0] for c in curve], [c[1] for c in curve])
+                styles[line] = style
+    return curve_panels(path, panels, xlabel="optimiser step", ylabel="caption NLL per token (nats)",
+                        title="ShapesWorld captioning: seeded vs random connector init", styles=styles,
+                        colours={f"{i} {s}": c for i, c in (("seeded", "tab:blue"), ("random", "tab:red"))
+                                 for s in ("val", "train")})
 
 
 def _export_best(runs: dict[str, dict[str, Any]], prep: _Prepared, cfg: Config, out_dir: Path) -> dict[str, Any] | None:
