@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 Method = Literal["lstsq", "procrustes"]
 METHODS = ("lstsq", "procrustes")
 MLP_MODES = ("shift", "identity")
+RESAMPLER_BLOCKS = ("pool", "random")
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-4, 4, 17))
 _WORD_RE = re.compile(r"[a-z]+")
 _GELU_LINEAR_FROM = 4.0  # GELU(z) = z * Phi(z); Phi(4) = 1 - 3.2e-5
@@ -263,8 +264,13 @@ def _identity_attention(attn: nn.MultiheadAttention, values: bool = True) -> Non
 
 
 def seed_connector(connector: nn.Module, image_to_lm: AffineMap, image_to_shared: AffineMap | None = None,
-                   features: Tensor | np.ndarray | None = None, mlp_mode: str = "shift") -> dict[str, float]:
+                   features: Tensor | np.ndarray | None = None, mlp_mode: str = "shift",
+                   resampler_blocks: str = "pool") -> dict[str, float]:
     """Initialise ``connector`` from the composed map ``image_to_lm`` (d_v → d_lm); see the module doc.
+
+    ``resampler_blocks`` (perceiver / Q-Former): ``"pool"`` starts the blocks as attention pooling
+    (identity values, zero FFN outputs); ``"random"`` leaves them at their random init and seeds only
+    ``in_proj`` and the closed-form ``out_proj``.
 
     ``image_to_shared`` (d_v → k) is needed by the perceiver and the Q-Former (their input projection);
     ``features`` (a sample of training features ``[B, N, d_v]``) by ``mlp2x_gelu`` (to choose the
@@ -300,9 +306,11 @@ def seed_connector(connector: nn.Module, image_to_lm: AffineMap, image_to_shared
         k = image_to_shared.out_dim
         if k > connector.dim:
             raise ValueError(f"shared space has {k} dims but the {connector.name} is only {connector.dim} wide")
+        if resampler_blocks not in RESAMPLER_BLOCKS:
+            raise ValueError(f"resampler_blocks must be one of {RESAMPLER_BLOCKS}, got {resampler_blocks!r}")
         _set_linear(connector.in_proj, image_to_shared, rows=slice(0, k))
         with torch.no_grad():
-            for layer in connector.layers:
+            for layer in (connector.layers if resampler_blocks == "pool" else []):
                 layer.ffn[3].weight.zero_()
                 layer.ffn[3].bias.zero_()
                 if isinstance(connector, PerceiverResampler):

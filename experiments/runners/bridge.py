@@ -109,6 +109,7 @@ class SeedingConfig:
     mlp_mode: str = "auto"  # mlp2x_gelu through its GELU: "shift", "identity", or "auto" (lower step-0 NLL)
     n_calibration_captions: int = 32  # training captions on which scale and mlp_mode are chosen
     aligner_steps: int = 300  # CLIPHeads training steps (clip only)
+    resampler_blocks: str = "pool"  # perceiver/qformer blocks start as attention "pool"ing, or stay "random"
     fit_on: str = "tokens"  # aligner fitted on feature "tokens" (grid cells, what connectors map) or "pooled" features
 
 
@@ -186,7 +187,7 @@ def load(raw: dict, where: str = "config") -> Config:
         raise ConfigError(f"{where}: inits is empty; choose from {', '.join(INITS)}")
     s = cfg.seeding
     for key, value, choices in (("aligner", s.aligner, ALIGNERS), ("method", s.method, ("lstsq", "procrustes")),
-                                ("target", s.target, TARGETS), ("fit_on", s.fit_on, FIT_ON), ("mlp_mode", s.mlp_mode, ("auto", "shift", "identity"))):
+                                ("target", s.target, TARGETS), ("fit_on", s.fit_on, FIT_ON), ("resampler_blocks", s.resampler_blocks, ("pool", "random")), ("mlp_mode", s.mlp_mode, ("auto", "shift", "identity"))):
         if value not in choices:
             raise ConfigError(f"{where}: seeding.{key} must be one of {', '.join(choices)}, got {value!r}")
     if s.n_components < 1:
@@ -659,6 +660,7 @@ def _build(cfg: Config, prep: _Prepared, name: str, init: str):
     if init == "seeded":
         sample = np.asarray(prep.grid[prep.data.splits["train"][:256]], dtype=np.float32)
         info = seed_connector(connector, prep.image_to_lm, image_to_shared=prep.image_to_shared, features=sample,
+                              resampler_blocks=cfg.seeding.resampler_blocks,
                               mlp_mode=prep.setup.get("calibration", {}).get("mlp_mode", "shift"))
     mllm = MultimodalLM(prep.llm, prep.tokenizer, connector, prompt=cfg.llm.prompt,
                         max_caption_tokens=cfg.llm.max_caption_tokens)

@@ -131,6 +131,23 @@ def test_seeded_resamplers_approximate_the_pooled_map(name):
         seed_connector(build_connector(name, 16, 64, dim=32), to_lm)
 
 
+@pytest.mark.parametrize("name", ["perceiver", "qformer"])
+def test_resampler_blocks_random_seeds_only_the_projections(name):
+    to_shared, to_lm, feats = _seed_map()
+    torch.manual_seed(0)
+    seeded = build_connector(name, 16, 64, dim=32)
+    torch.manual_seed(0)
+    random = build_connector(name, 16, 64, dim=32)
+    info = seed_connector(seeded, to_lm, image_to_shared=to_shared, features=feats, resampler_blocks="random")
+    for (key, a), (_, b) in zip(seeded.layers.state_dict().items(), random.layers.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=key)  # the blocks keep their random init
+    torch.testing.assert_close(seeded.in_proj.weight[:4].double(), torch.tensor(to_shared.weight.T))
+    assert not torch.equal(seeded.out_proj.weight, random.out_proj.weight) and 0.0 < info["out_proj_r2"] <= 1.0
+    with pytest.raises(ValueError, match="resampler_blocks must be one of"):
+        seed_connector(build_connector(name, 16, 64, dim=32), to_lm, image_to_shared=to_shared, features=feats,
+                       resampler_blocks="frozen")
+
+
 def test_seeded_gated_xattn_keeps_the_lm_unchanged():
     to_shared, to_lm, feats = _seed_map()
     c = build_connector("gated_xattn", 16, 64, num_lm_layers=4, every=2, heads=4)
