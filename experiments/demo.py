@@ -41,16 +41,9 @@ DEMO_FUSION: dict[str, Any] = {
     "data": {"n_scenes": 1500},
     "seeds": [0],
     "tasks": ["nearest_colour", "largest_shape"],
-    "strategies": {
-        "unimodal": {"embed_dim": 64, "hidden": 128},
-        "data/channel_stack": {"backbone": "small", "width": 16},
-        "feature/concat": {"embed_dim": 64, "hidden": 128},
-        "feature/gated": {"embed_dim": 64, "hidden": 128},
-        "feature/lmf": {"embed_dim": 32, "hidden": 128, "rank": 4},
-        "feature/cross_attention": {"embed_dim": 64, "hidden": 64, "num_heads": 4, "num_layers": 2},
-        "decision/mean": {},
-        "decision/stacking": {"cv": 3},
-    },
+    # a subset of the bundled config's strategies, with their options there
+    "strategies": ["unimodal", "data/channel_stack", "feature/concat", "feature/gated", "feature/lmf",
+                   "feature/cross_attention", "decision/mean", "decision/stacking"],
     "train": {"max_steps": 200},
     "robustness": {"rates": [0.0, 0.5, 1.0]},
 }
@@ -77,8 +70,14 @@ def _runner_config(module, overrides: dict[str, Any] | None, out_dir: Path, full
 def _deep_update(base: dict, new: dict) -> dict:
     out = dict(base)
     for k, v in new.items():
-        # sections that name parts (aligners, strategies) are replaced whole, the others merged key by key
-        if isinstance(v, dict) and k not in ("aligners", "strategies") and isinstance(out.get(k), dict):
+        # sections that name parts (aligners, strategies) are replaced whole (a list of names keeps those
+        # parts of the bundled section), the others merged key by key
+        if k in ("aligners", "strategies") and isinstance(v, list):
+            missing = [name for name in v if name not in (out.get(k) or {})]
+            if missing:
+                raise KeyError(f"demo: {k} {missing} are not in the bundled config's {k}")
+            out[k] = {name: out[k][name] for name in v}
+        elif isinstance(v, dict) and k not in ("aligners", "strategies") and isinstance(out.get(k), dict):
             out[k] = _deep_update(out[k], v)
         else:
             out[k] = v

@@ -6,11 +6,8 @@ import gc
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -102,31 +99,6 @@ def flatten_captions(captions: Sequence[Sequence[str]]) -> tuple[list[str], np.n
     flat = [c for caps in captions for c in caps]
     t2i = np.repeat(np.arange(len(captions), dtype=np.int64), [len(c) for c in captions])
     return flat, t2i
-
-
-def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` in a temporary sibling of ``final`` and rename it to ``final``.
-
-    A crash leaves only a ``.tmp-*`` directory (never a half-written ``final``); if another process won the race,
-    its directory is kept and ours is discarded.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private (0700); a cache is as readable as any other directory
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            log.info("%s was written by another process meanwhile; keeping that one", final)
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 @contextlib.contextmanager

@@ -62,8 +62,8 @@ from experiments.data._common import (
     replace_config,
     save_json,
     seeded_splits,
-    write_dir_atomically,
 )
+from align.weights import write_dir_atomically
 
 log = logging.getLogger(__name__)
 

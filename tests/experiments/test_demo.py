@@ -74,3 +74,15 @@ def test_report_links_existing_pictures_and_projector(demo):
     assert (out / "mm_projector.bin").is_file() and (out / "mm_projector_config.json").is_file()
     sidecar = json.loads((out / "mm_projector_config.json").read_text())
     assert sidecar["mm_projector_type"] == "mlp2x_gelu"
+
+
+def test_demo_strategy_names_take_their_options_from_the_bundled_config():
+    from experiments.config import config_path, read_yaml
+    from experiments.demo import DEMO_FUSION, _deep_update
+
+    bundled = read_yaml(config_path("fusion_shapesworld"))
+    raw = _deep_update(bundled, DEMO_FUSION)
+    assert list(raw["strategies"]) == DEMO_FUSION["strategies"]
+    assert all(raw["strategies"][n] == bundled["strategies"][n] for n in raw["strategies"])
+    with pytest.raises(KeyError, match=r"strategies \['feature/nope'\] are not in the bundled config"):
+        _deep_update(bundled, {"strategies": ["feature/nope"]})
