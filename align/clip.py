@@ -72,7 +72,8 @@ def _make_head(in_dim: int, out_dim: int, kind: str, hidden_dim: int | None) -> 
 
 
 class _ContrastiveMixin:
-    """The ClipLoss plumbing shared by both CLIP aligners."""
+    """The ClipLoss plumbing, ``forward`` and ``loss`` shared by both CLIP aligners (each defines
+    ``encode(modality, x)`` and ``scale``)."""
 
     local_loss: bool
     gather_with_grad: bool
@@ -86,6 +87,17 @@ class _ContrastiveMixin:
             rank=rank,
             world_size=world_size,
         )
+
+    def forward(self, image: Tensor, text: Tensor | Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(image_emb [B, D], text_emb [B, D], scale [])`` — the arguments of ``ClipLoss``."""
+        return self.encode("image", image), self.encode("text", text), self.scale
+
+    def loss(self, batch: dict) -> Tensor:
+        """Symmetric InfoNCE over the pairs ``batch["image"][i] ↔ batch["text"][i]``."""
+        image, text = batch["image"], batch["text"]
+        if len(image) != len(text):
+            raise ValueError(f"batch has {len(image)} images but {len(text)} texts")
+        return self.clip_loss(*self(image, text))
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         """Rebuild the ``ClipLoss`` for ``world_size`` processes (this one being ``rank``)."""
@@ -175,17 +187,6 @@ class CLIPHeads(_ContrastiveMixin, GradientAligner):
     def scale(self) -> Tensor:
         """The temperature actually used: ``exp(logit_scale)`` clamped to ``[1, max_logit_scale]``."""
         return _clamped_scale(self.logit_scale, self.max_logit_scale)
-
-    def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(image_emb [B, D], text_emb [B, D], scale [])`` — the arguments of ``ClipLoss``."""
-        return self.encode("image", image), self.encode("text", text), self.scale
-
-    def loss(self, batch: dict) -> Tensor:
-        """Symmetric InfoNCE over the pairs ``batch["image"][i] ↔ batch["text"][i]``."""
-        image, text = batch["image"], batch["text"]
-        if len(image) != len(text):
-            raise ValueError(f"batch has {len(image)} images but {len(text)} texts")
-        return self.clip_loss(*self(image, text))
 
 
 @ALIGNERS.register("clip_towers")
@@ -317,14 +318,3 @@ class CLIPTowers(_ContrastiveMixin, GradientAligner):
     def scale(self) -> Tensor:
         """The temperature actually used: ``exp(logit_scale)`` clamped to ``[1, max_logit_scale]``."""
         return _clamped_scale(self.model.logit_scale, self.max_logit_scale)
-
-    def forward(self, image: Tensor, text: Tensor | Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """``(image_emb [B, D], text_emb [B, D], scale [])`` — the arguments of ``ClipLoss``."""
-        return self.encode("image", image), self.encode("text", text), self.scale
-
-    def loss(self, batch: dict) -> Tensor:
-        """Symmetric InfoNCE over the pairs ``batch["image"][i] ↔ batch["text"][i]``."""
-        image, text = batch["image"], batch["text"]
-        if len(image) != len(text):
-            raise ValueError(f"batch has {len(image)} images but {len(text)} texts")
-        return self.clip_loss(*self(image, text))
