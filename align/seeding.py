@@ -309,16 +309,17 @@ def seed_connector(connector: nn.Module, image_to_lm: AffineMap, image_to_shared
         if resampler_blocks not in RESAMPLER_BLOCKS:
             raise ValueError(f"resampler_blocks must be one of {RESAMPLER_BLOCKS}, got {resampler_blocks!r}")
         _set_linear(connector.in_proj, image_to_shared, rows=slice(0, k))
-        with torch.no_grad():
-            for layer in (connector.layers if resampler_blocks == "pool" else []):
-                layer.ffn[3].weight.zero_()
-                layer.ffn[3].bias.zero_()
-                if isinstance(connector, PerceiverResampler):
-                    _identity_attention(layer.attn)
-                else:
-                    _identity_attention(layer.cross_attn)
-                    layer.self_attn.out_proj.weight.zero_()
-                    layer.self_attn.out_proj.bias.zero_()
+        if resampler_blocks == "pool":
+            with torch.no_grad():
+                for layer in connector.layers:
+                    layer.ffn[3].weight.zero_()
+                    layer.ffn[3].bias.zero_()
+                    if isinstance(connector, PerceiverResampler):
+                        _identity_attention(layer.attn)
+                    else:
+                        _identity_attention(layer.cross_attn)
+                        layer.self_attn.out_proj.weight.zero_()
+                        layer.self_attn.out_proj.bias.zero_()
         x = torch.as_tensor(np.asarray(features) if not isinstance(features, Tensor) else features).float()
         x = x[: 512].to(connector.in_proj.weight.device)
         with torch.no_grad():

@@ -403,12 +403,11 @@ def _fit_seed_maps(cfg: Config, prep: _Prepared, pooled: np.ndarray, train_idx: 
                                            split="val-captions", kinds=("pooled",))["pooled"])
     image_rows, text_rows = _aligner_pairs(s.fit_on, pooled, prep.grid, train_idx, train_t2i, text_feats,
                                            seed=cfg.data.seed)
-    val_image, val_text_rows = _aligner_pairs(s.fit_on, pooled, prep.grid, val_idx, val_t2i, val_text,
-                                              seed=cfg.data.seed)
     if s.aligner == "cca":
         aligner = CCA(s.n_components, reg=s.reg, encode_power=s.cca_encode_power)
         Trainer(TrainConfig(progress=False)).fit(aligner, {"image": image_rows, "text": text_rows})
-        val_corr = aligner.score(val_image, val_text_rows)
+        val_corr = aligner.score(*_aligner_pairs(s.fit_on, pooled, prep.grid, val_idx, val_t2i, val_text,
+                                                 seed=cfg.data.seed))
         prep.setup["aligner"] = {"name": "cca", "fit_on": s.fit_on, "n_pairs": len(image_rows),
                                  "n_components": s.n_components, "reg": s.reg,
                                  "encode_power": s.cca_encode_power,
@@ -563,10 +562,15 @@ def _caption_nlls(mllm: Any, images: Any, rows: np.ndarray, captions: list[str],
     return np.concatenate(total), np.concatenate(count)
 
 
+def _per_token(nlls: tuple[np.ndarray, np.ndarray]) -> float:
+    """Corpus NLL per token of :func:`_caption_nlls` output."""
+    total, count = nlls
+    return float(total.sum() / max(count.sum(), 1.0))
+
+
 def _corpus_nll(mllm: Any, images: Any, rows: np.ndarray, captions: list[str], mode: str, batch: int) -> float:
     """NLL per caption token over all ``captions`` (corpus level)."""
-    total, count = _caption_nlls(mllm, images, rows, captions, mode, batch)
-    return float(total.sum() / max(count.sum(), 1.0))
+    return _per_token(_caption_nlls(mllm, images, rows, captions, mode, batch))
 
 
 def paired_gain(control: tuple[np.ndarray, np.ndarray], image: tuple[np.ndarray, np.ndarray],
@@ -613,10 +617,10 @@ def _evaluate(mllm: Any, ev: dict[str, Any], cfg: Config, controls: bool = True)
 
     b = min(cfg.eval.batch_size, cfg.eval.n_eval_images)  # <= n images: a roll never pairs a row with its own image
     with_image = _caption_nlls(mllm, ev["image"], ev["caption_rows"], ev["captions"], "image", b)
-    out: dict[str, Any] = {"caption_nll": float(with_image[0].sum() / with_image[1].sum())}
+    out: dict[str, Any] = {"caption_nll": _per_token(with_image)}
     if controls:
         shuffled = _caption_nlls(mllm, ev["image"], ev["caption_rows"], ev["captions"], "shuffled", b)
-        out["shuffled_image_nll"] = float(shuffled[0].sum() / shuffled[1].sum())
+        out["shuffled_image_nll"] = _per_token(shuffled)
         out["gain_vs_shuffled"] = paired_gain(shuffled, with_image)
         out["gain_vs_no_image"] = paired_gain(ev["no_image_nlls"], with_image)
     rank = _ranking(mllm, ev, "image", b)
@@ -812,7 +816,7 @@ def run(cfg: Config) -> dict[str, Any]:
                         prompt=cfg.llm.prompt, max_caption_tokens=cfg.llm.max_caption_tokens)
     with torch.no_grad():
         ev["no_image_nlls"] = _caption_nlls(bare, ev["image"], ev["caption_rows"], ev["captions"], "none", b)
-        baseline = {"no_image_nll": float(ev["no_image_nlls"][0].sum() / ev["no_image_nlls"][1].sum()),
+        baseline = {"no_image_nll": _per_token(ev["no_image_nlls"]),
                     "hard_negative_ranking_no_image": _ranking(bare, ev, "none", b)["all"]}
     prep.setup["text_only"] = baseline
     runs: dict[str, dict[str, Any]] = {}
