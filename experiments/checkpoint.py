@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from align.weights import write_file_atomically
+
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``obj`` to ``path`` atomically: a temp file in the same folder, fsync, ``os.replace``.
@@ -21,18 +23,7 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     A reader (or a run killed mid-write) sees either the previous file or the new one, never a
     partial file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_file_atomically(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from functools import cached_property
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from align.registry import Registry
-from align.weights import MOBILENET_V2, cache_root, package_file
+from align.weights import MOBILENET_V2, cache_root, package_file, write_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -517,20 +516,6 @@ def check_finite(features: Mapping[str, np.ndarray], context: str) -> None:
                                  f"(first bad row {start + int(np.argmax(bad))})")
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` via a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class FeatureCache:
     """Features on disk, one entry per (encoder name, dataset fingerprint, split).
 
@@ -622,7 +607,7 @@ class FeatureCache:
         kept = {k: v for k, v in (old or {}).get("kinds", {}).items()
                 if k not in features and old.get("n_rows") == n_rows}
         for kind, arr in features.items():
-            _atomic_write(directory / f"{kind}.npy", lambda f, arr=arr: np.save(f, arr, allow_pickle=False))
+            write_file_atomically(directory / f"{kind}.npy", lambda f, arr=arr: np.save(f, arr, allow_pickle=False))
         meta = {
             "format": 1,
             "encoder": encoder_name,
@@ -633,7 +618,7 @@ class FeatureCache:
             "kinds": {**kept, **{k: {"file": f"{k}.npy", "shape": list(v.shape), "dtype": str(v.dtype)}
                                  for k, v in features.items()}},
         }
-        _atomic_write(directory / self.META, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        write_file_atomically(directory / self.META, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         for kind, entry in (old or {}).get("kinds", {}).items():
             if kind not in meta["kinds"]:  # rows changed: older kinds are stale
                 (directory / entry["file"]).unlink(missing_ok=True)

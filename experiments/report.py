@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -17,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from align.weights import write_file_atomically  # noqa: E402
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -66,12 +67,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_file_atomically(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -91,13 +87,10 @@ def _json_default(o: Any):
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return write_file_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def grouped_bars(path: str | Path, groups: Sequence[str], series: Mapping[str, Sequence[float]],
