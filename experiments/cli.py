@@ -7,7 +7,8 @@ import logging
 import sys
 
 # module name in experiments.commands, in the order shown by --help
-COMMAND_MODULES = ["demo", "run", "retrieval", "extract", "bench", "export_projector"]
+# (a module that does not exist yet is skipped, so a command lands as one new file)
+COMMAND_MODULES = ["demo", "run", "ask", "serve", "fetch", "retrieval", "extract", "bench", "export_projector"]
 
 
 def _load_commands():
