@@ -1,6 +1,6 @@
 """Datasets: ShapesWorld (embedded, procedural), scikit-learn digits (real scans), and loaders for your own data.
 
-``load_dataset(name, **kw)`` dispatches by name ("shapesworld", "digits", "csv", "karpathy", "embeddings");
+``load_dataset(name, **kw)`` dispatches by name ("shapesworld", "digits", "csv", "karpathy", "embeddings", "multiview");
 an unknown name raises KeyError listing the known ones.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 from experiments.data.digits import DIGIT_NAMES, DigitsConfig, DigitsData, load_digits
 from experiments.data.loaders import EmbeddingPairs, ImageTextData, load_csv, load_embedding_pairs, load_karpathy
+from experiments.data.multiview import MultiViewData, load_multiview
 from experiments.data.shapesworld import (
     COLOURS,
     HARD_NEGATIVE_KINDS,
@@ -27,6 +28,7 @@ DATASETS: dict[str, Callable[..., Any]] = {
     "csv": load_csv,
     "karpathy": load_karpathy,
     "embeddings": load_embedding_pairs,
+    "multiview": load_multiview,
 }
 
 
@@ -42,6 +44,6 @@ def load_dataset(name: str, **kw: Any) -> ShapesWorld | DigitsData | ImageTextDa
 
 __all__ = [
     "COLOURS", "DATASETS", "DIGIT_NAMES", "DigitsConfig", "DigitsData", "EmbeddingPairs", "HARD_NEGATIVE_KINDS",
-    "ImageTextData", "RELATIONS", "SHAPES", "ShapesWorld", "ShapesWorldConfig", "fact_holds", "holds",
-    "load_csv", "load_dataset", "load_digits", "load_embedding_pairs", "load_karpathy", "load_shapesworld",
+    "ImageTextData", "MultiViewData", "RELATIONS", "SHAPES", "ShapesWorld", "ShapesWorldConfig", "fact_holds", "holds",
+    "load_csv", "load_dataset", "load_digits", "load_embedding_pairs", "load_karpathy", "load_multiview", "load_shapesworld",
 ]
