@@ -20,12 +20,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from align.weights import write_file_atomically  # noqa: E402
 
 
-def mean_std(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+def mean_std(values: Iterable[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value: one seed has no spread to report)."""
     v = np.asarray(list(values), dtype=float)
     if v.size == 0:
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+        return math.nan, None
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None
 
 
 def aggregate_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -48,10 +48,10 @@ def aggregate_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def fmt(mean: float, std: float | None = None, digits: int = 1) -> str:
-    """``12.3 ± 0.4`` (or just the mean where std is None)."""
+    """``12.3 ± 0.4`` (or just the mean where std is None or NaN, e.g. a one-seed run)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    if std is None:
+    if std is None or (isinstance(std, float) and math.isnan(std)):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 

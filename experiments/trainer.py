@@ -55,8 +55,10 @@ class TrainConfig:
     Lengths are counted in optimiser steps (one step = ``grad_accum`` micro-batches).
     ``max_steps`` wins over ``epochs`` when set. ``batch_size`` is per process: under
     ``torchrun`` with N processes the global batch is ``N * batch_size * grad_accum``.
-    ``eval_every=None`` evaluates once, at the end; ``save_every=None`` writes ``last.pt``
-    only at the end. ``out_dir=None`` writes no files at all.
+    ``eval_every=None`` evaluates once, at the end; ``save_every`` (default 100 steps) bounds
+    the steps a killed run loses (``None``: ``last.pt`` only at the end). ``out_dir=None``
+    writes no files at all. A first Ctrl-C stops at the next step boundary after writing
+    ``last.pt`` and raises ``KeyboardInterrupt``; ``fit`` again resumes there.
     """
 
     max_steps: int | None = None
@@ -74,7 +76,7 @@ class TrainConfig:
     monitor: str = "rsum"
     mode: str = "max"
     out_dir: str | Path | None = None
-    save_every: int | None = None
+    save_every: int | None = 100
     keep_best: bool = True
     seed: int = 0
     device: str = "auto"
@@ -305,6 +307,33 @@ class _State:
         return d
 
 
+class _StopOnSigint:
+    """While installed (main thread only), the first Ctrl-C sets ``requested`` so the loop stops at the next step
+    boundary and writes ``last.pt``; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def _epochs_done(state: _State, n_batches: int) -> float:
     return round(state.epoch + state.batch_in_epoch / n_batches, 4)
 
@@ -456,8 +485,16 @@ class Trainer:
             return state.seconds_before + time.perf_counter() - t_start
 
         model.train()
+        interrupt = _StopOnSigint()
         try:
             while state.step < total_steps and not state.stopped_early:
+                if interrupt.requested:
+                    if last_path is not None:
+                        window += self._check_finite(pending, last_path, last_saved_step)
+                        pending.clear()
+                        self._save_last(last_path, model, optimizer, scheduler, state, elapsed(), info)
+                    raise KeyboardInterrupt(f"interrupted at step {state.step}" + (
+                        f"; checkpoint {last_path}" if last_path is not None else ""))
                 lr = optimizer.param_groups[0]["lr"]
                 terms = self._train_step(wrapped, optimizer, batches, trainable, autocast, state.step + 1,
                                          ddp=info.world_size > 1)
@@ -493,6 +530,7 @@ class Trainer:
             if last_path is not None and last_saved_step != state.step:
                 self._save_last(last_path, model, optimizer, scheduler, state, elapsed(), info)
         finally:
+            interrupt.restore()
             pbar.close()
             if writer is not None:
                 writer.close()
@@ -747,14 +785,20 @@ class Trainer:
     def _fit_closed_form(self, model: Any, train_data: Any) -> TrainResult:
         cfg = self.config
         t0 = time.perf_counter()
-        modalities = getattr(model, "modalities", None)
-        if modalities is None or len(modalities) != 2:
-            raise TypeError(f"closed-form model {type(model).__name__} must define modalities=(a, b), "
-                            f"got {modalities!r}")
-        X, Y = (self._gather(train_data, m) for m in modalities)
-        log.info("fitting %s in closed form on %d samples (%s %s, %s %s)", type(model).__name__, len(X),
-                 modalities[0], X.shape, modalities[1], Y.shape)
-        model.fit(X, Y)
+        if getattr(model, "fit_input", "pair") == "batch":  # e.g. decision-level fusion: fit(inputs dict)
+            batch = self._gather_all(train_data)
+            log.info("fitting %s in closed form on %d samples (%s)", type(model).__name__,
+                     len(next(iter(batch.values()))), ", ".join(sorted(batch)))
+            model.fit(batch)
+        else:
+            modalities = getattr(model, "modalities", None)
+            if modalities is None or len(modalities) != 2:
+                raise TypeError(f"closed-form model {type(model).__name__} must define modalities=(a, b) "
+                                f"(or fit_input = 'batch' to get the whole training dict), got {modalities!r}")
+            X, Y = (self._gather(train_data, m) for m in modalities)
+            log.info("fitting %s in closed form on %d samples (%s %s, %s %s)", type(model).__name__, len(X),
+                     modalities[0], X.shape, modalities[1], Y.shape)
+            model.fit(X, Y)
         metrics = self._evaluate(model) if self.evaluator is not None else None
         seconds = time.perf_counter() - t0
         history = []
@@ -767,6 +811,19 @@ class Trainer:
             (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         return TrainResult(history=history, best_metrics=metrics, best_step=0 if metrics else None,
                            final_metrics=metrics, train_seconds=seconds, n_trainable=0, steps=0)
+
+    def _gather_all(self, train_data: Any) -> dict[str, Any]:
+        """Every training array as numpy [N, ...] (lists stay lists), for models that fit on the whole dict."""
+        if isinstance(train_data, Mapping):
+            DictDataset(train_data)  # validates equal lengths
+            return {k: v.detach().cpu().numpy() if isinstance(v, Tensor) else
+                    (v if isinstance(v, list) else np.asarray(v)) for k, v in train_data.items()}
+        dataset = self._as_dataset(train_data)
+        if not getattr(dataset, "indexes_batches", False):
+            raise TypeError(f"a model with fit_input='batch' needs a dict of arrays or a dataset that indexes "
+                            f"batches, got {type(dataset).__name__}")
+        batch = dataset[np.arange(len(dataset))]
+        return {k: v.detach().cpu().numpy() if isinstance(v, Tensor) else v for k, v in batch.items()}
 
     def _gather(self, train_data: Any, modality: str) -> np.ndarray:
         """The full training array of one modality as numpy [N, ...]."""

@@ -3,7 +3,7 @@
 Build one by its report name, ``build_fusion("<level>/<operator>", **cfg)``; ``FUSIONS.names()``
 lists them. Missing-modality convention and parameter counting: see :mod:`fusion._common`.
 """
-from fusion._common import FusionModule, fusion_module_params, mask_key, model_params
+from fusion._common import FusionModule, build_strategy, fusion_module_params, mask_key, model_params
 from fusion.base import FUSIONS, LEVELS, build_fusion
 from fusion.data_level import ChannelStackFusion, InputConcatFusion, small_cnn, widen_first_conv
 from fusion.decision_level import (
@@ -15,6 +15,7 @@ from fusion.decision_level import (
     WeightedFusion,
     combine_probabilities,
 )
+from fusion.unimodal import UnimodalClassifier
 from fusion.feature_level import (
     ConcatFusion,
     CrossAttentionFusion,
@@ -42,9 +43,11 @@ __all__ = [
     "StackingFusion",
     "SumFusion",
     "TensorFusion",
+    "UnimodalClassifier",
     "VoteFusion",
     "WeightedFusion",
     "build_fusion",
+    "build_strategy",
     "combine_probabilities",
     "fusion_module_params",
     "mask_key",

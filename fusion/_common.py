@@ -94,12 +94,26 @@ class FusionModule(nn.Module):
     per-modality encoders (if any) in ``self.encoders`` and implement
     ``forward(inputs: dict[str, Tensor]) -> logits [B, num_classes]``. Keys that are not
     modalities (``"label"``, masks, ...) are ignored by ``forward``.
+
+    What a strategy needs is declared, so runners never branch on its name:
+
+    * ``input_kind``: the view it is fed: ``"pooled"`` (one feature vector per modality, the default),
+      ``"grid"`` (feature tokens [L, d]), ``"raw"`` (flattened raw values) or ``"pixels"`` (uint8 images);
+    * ``required_modalities``: modalities it cannot run without (e.g. RGB + depth), default none;
+    * :meth:`from_inputs`: how it is built from the data's dimensions.
     """
 
     level: str = ""
     operator: str = ""
     modalities: tuple[str, ...] = ()
     num_classes: int = 0
+    input_kind: str = "pooled"
+    required_modalities: tuple[str, ...] = ()
+
+    @classmethod
+    def from_inputs(cls, in_dims: Mapping[str, int], num_classes: int, **kwargs: Any) -> "FusionModule":
+        """Build from ``in_dims`` (modality → feature size of ``input_kind``) and the config's kwargs."""
+        return cls(in_dims=in_dims, num_classes=num_classes, **kwargs)
 
     @property
     def name(self) -> str:
@@ -137,6 +151,34 @@ class FusionModule(nn.Module):
             if isinstance(inputs.get(m), Tensor):
                 return inputs[m].device
         return next(self.parameters()).device
+
+
+def build_strategy(cls: Any, in_dims: Mapping[str, int], num_classes: int, seed: int, **kwargs: Any) -> Any:
+    """A fresh strategy of class ``cls`` for one fit, from the data's dims and config kwargs (plain YAML values).
+
+    ``cls.from_inputs`` when the class defines it; otherwise (scikit-learn combiners) the constructor, where an
+    ``estimator`` / ``final_estimator`` given as a mapping is the kwargs of a ``LogisticRegression`` and an int
+    ``cv`` is a ``StratifiedKFold`` shuffled with ``seed``. The torch RNG is seeded first, so initialisations differ
+    only by seed.
+    """
+    import inspect
+
+    torch.manual_seed(seed)
+    if hasattr(cls, "from_inputs"):
+        return cls.from_inputs(in_dims, num_classes, **kwargs)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    kwargs = dict(kwargs)
+    params = inspect.signature(cls).parameters
+    for k in ("estimator", "final_estimator"):
+        if isinstance(kwargs.get(k), Mapping):
+            kwargs[k] = LogisticRegression(**{"max_iter": 1000, **kwargs[k]})
+    if "cv" in params:
+        cv = kwargs.get("cv", params["cv"].default)
+        if isinstance(cv, int):
+            kwargs["cv"] = StratifiedKFold(cv, shuffle=True, random_state=seed)
+    return cls(in_dims=dict(in_dims), num_classes=num_classes, **kwargs)
 
 
 def _numel(p: Any) -> int:

@@ -128,7 +128,14 @@ class ChannelStackFusion(FusionModule):
     level = "data"
     operator = "channel_stack"
     modalities = ("image", "depth")
+    input_kind = "pixels"
+    required_modalities = ("image", "depth")
     BACKBONES = ("small", "mobilenet_v2")
+
+    @classmethod
+    def from_inputs(cls, in_dims: Mapping[str, int], num_classes: int, **kwargs: Any) -> "ChannelStackFusion":
+        """Built from ``num_classes`` alone (the CNN takes any image size)."""
+        return cls(num_classes=num_classes, **kwargs)
 
     def __init__(
         self,
@@ -195,6 +202,7 @@ class InputConcatFusion(FusionModule):
 
     level = "data"
     operator = "concat"
+    input_kind = "raw"
 
     def __init__(self, in_dims: Mapping[str, int], num_classes: int, hidden: int = 64, dropout: float = 0.0) -> None:
         super().__init__()

@@ -130,6 +130,7 @@ class DecisionFusion(ClassifierMixin, BaseEstimator):
 
     level = "decision"
     operator = ""
+    fit_input = "batch"  # Trainer.fit calls fit(inputs) with the whole training dict ("label" included)
 
     def __init__(
         self,

@@ -32,7 +32,7 @@ def test_bundled_config_validates():
     [
         ("aligners={nope: {}}", "unknown aligner 'nope'; known aligners: cca, clip"),
         ("aligners={cca: {n_comp: 3}}", r"unknown key aligners\.cca\.n_comp; valid keys of aligners\.cca: n_components"),
-        ("train.lrr=0.1", r"unknown key config\.train\.lrr; valid keys of config\.train: "),
+        ("train.lrr=0.1", r"unknown key train\.lrr; valid keys of train: "),
         ("aligners={clip: {train: {stepz: 3}}}", r"unknown key aligners\.clip\.train\.stepz"),
         ("data.view=halves", "data.view must be"),
     ],
