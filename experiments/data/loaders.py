@@ -96,6 +96,28 @@ def _file_hash(path: Path, *extra: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _bad_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8: "line L, byte B of the line: not UTF-8 (0xff)"."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"line {lineno}, byte {e.start + 1} of the line: not UTF-8 (0x{line[e.start]:02x}); "
+                        "save the file as UTF-8")
+    return "not UTF-8; save the file as UTF-8"
+
+
+def _long_line(path: Path) -> int | None:
+    """Number of the first line longer than csv's field size limit (the reader's own count lags behind)."""
+    limit = csv.field_size_limit()
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for lineno, line in enumerate(f, 1):
+            if len(line) > limit:
+                return lineno
+    return None
+
+
 def _resolve(p: str, image_root: str | Path | None) -> str:
     return str(Path(image_root) / p) if image_root is not None else p
 
@@ -139,23 +161,36 @@ def load_csv(
     paths, caps, wheres = [], [], []
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
         reader = csv.DictReader(f, delimiter=sep)
-        columns = reader.fieldnames or []
-        missing = [k for k in (img_key, caption_key) if k not in columns]
-        if missing:
-            raise ValueError(
-                f"{path}: no column {' or '.join(repr(m) for m in missing)}; columns found: "
-                f"{', '.join(repr(c) for c in columns) or '(none)'} (separator {sep!r})"
-            )
-        for row in reader:
-            where = f"line {reader.line_num}"
-            img, cap = (row.get(img_key) or "").strip(), (row.get(caption_key) or "").strip()
-            if not img:
-                raise ValueError(f"{path}, {where}: empty image path in column {img_key!r}")
-            if not cap:
-                raise ValueError(f"{path}, {where}: empty caption in column {caption_key!r}")
-            paths.append(_resolve(img, image_root))
-            caps.append(cap)
-            wheres.append(where)
+        try:
+            columns = reader.fieldnames or []
+            missing = [k for k in (img_key, caption_key) if k not in columns]
+            if missing:
+                raise ValueError(
+                    f"{path}: no column {' or '.join(repr(m) for m in missing)}; columns found: "
+                    f"{', '.join(repr(c) for c in columns) or '(none)'} (separator {sep!r})"
+                )
+            for row in reader:
+                where = f"line {reader.line_num}"
+                spill = sum(str(v).rstrip("\r\n").count("\n") for v in row.values())
+                if spill:  # a quoted field ran over line ends: the rows it swallowed would silently merge
+                    raise ValueError(f"{path}, line {reader.line_num - spill}: a field runs on to line "
+                                     f"{reader.line_num} (an unmatched '\"' quote?); remove the stray quote or "
+                                     "quote the whole field")
+                if None in row:
+                    raise ValueError(f"{path}, {where}: {len(columns) + len(row[None])} fields but the header has "
+                                     f"{len(columns)} (separator {sep!r})")
+                img, cap = (row.get(img_key) or "").strip(), (row.get(caption_key) or "").strip()
+                if not img:
+                    raise ValueError(f"{path}, {where}: empty image path in column {img_key!r}")
+                if not cap:
+                    raise ValueError(f"{path}, {where}: empty caption in column {caption_key!r}")
+                paths.append(_resolve(img, image_root))
+                caps.append(cap)
+                wheres.append(where)
+        except csv.Error as e:  # e.g. "field larger than field limit (131072)"
+            raise ValueError(f"{path}, line {_long_line(path) or reader.line_num}: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: {_bad_utf8(path)}") from e
     if not caps:
         raise ValueError(f"{path}: no rows after the header")
     fp = _file_hash(path, str(image_root), img_key, caption_key, sep)
@@ -183,6 +218,8 @@ def load_karpathy(
             doc = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {_bad_utf8(path)}") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         found = ", ".join(repr(k) for k in doc) if isinstance(doc, dict) else type(doc).__name__
         raise ValueError(f"{path}: no 'images' list at the top level (found: {found or '(empty)'})")
@@ -205,7 +242,10 @@ def load_karpathy(
         for j, sent in enumerate(sentences):
             if not isinstance(sent, dict) or "raw" not in sent:
                 raise ValueError(f"{path}: {where}.sentences[{j}] has no 'raw'")
-            raw = str(sent["raw"]).strip()
+            if not isinstance(sent["raw"], str):
+                raise ValueError(f"{path}: {where}.sentences[{j}] ({im['filename']}): 'raw' is "
+                                 f"{json.dumps(sent['raw'])}, not a caption string")
+            raw = sent["raw"].strip()
             if not raw:
                 raise ValueError(f"{path}: {where}.sentences[{j}] has an empty 'raw'")
             paths.append(file)

@@ -197,3 +197,55 @@ def test_load_dataset_dispatches_by_name(tmp_path, images):
     assert len(load_dataset("shapesworld", n_scenes=5, image_size=32, use_cache=False)) == 5
     with pytest.raises(KeyError, match="unknown dataset 'mnist'; known datasets: csv, digits"):
         load_dataset("mnist")
+
+
+# ------------------------------------------------------------------ issue 12: loaders never invent or merge data
+
+
+def test_csv_stray_quote_does_not_merge_rows(tmp_path, images):
+    """A caption opening with an unmatched quote used to swallow the next rows: two images became one."""
+    path = tmp_path / "d.tsv"
+    path.write_text('filepath\ttitle\n0.png\t"a red card\n1.png\tgreen\n2.png\tblue\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.tsv, line 2: a field runs on to line 4 \(an unmatched '\"' quote"):
+        load_csv(path, image_root=tmp_path / "img")
+
+
+def test_csv_blank_lines_and_closed_quotes_still_load(tmp_path, images):
+    path = tmp_path / "d.tsv"
+    path.write_text('filepath\ttitle\n0.png\t"a ""red"" card"\n\n1.png\tgreen\n', encoding="utf-8")
+    assert load_csv(path, image_root=tmp_path / "img").captions == ['a "red" card', "green"]
+
+
+def test_csv_non_utf8_names_file_and_line(tmp_path, images):
+    path = tmp_path / "d.tsv"
+    path.write_bytes(b"filepath\ttitle\n0.png\tred\n1.png\tgr\xe9en\n")
+    with pytest.raises(ValueError, match=r"d\.tsv: line 3, byte 9 of the line: not UTF-8 \(0xe9\)"):
+        load_csv(path, image_root=tmp_path / "img")
+
+
+def test_csv_oversized_field_names_file_and_line(tmp_path, images):
+    path = tmp_path / "d.tsv"
+    path.write_text("filepath\ttitle\n0.png\tred\n1.png\t" + "x" * 200_000 + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.tsv, line 3: field larger than field limit"):
+        load_csv(path, image_root=tmp_path / "img")
+
+
+def test_csv_extra_fields_name_the_line(tmp_path, images):
+    path = _write_csv(tmp_path / "d.tsv", [("0.png", "red"), ("1.png", "green\tand more")])
+    with pytest.raises(ValueError, match=r"d\.tsv, line 3: 3 fields but the header has 2"):
+        load_csv(path, image_root=tmp_path / "img")
+
+
+@pytest.mark.parametrize("raw", [None, 7, ["a"]])
+def test_karpathy_raw_that_is_not_text_is_an_error_not_a_caption(tmp_path, images, raw):
+    """`raw: null` used to become the caption "None"."""
+    path = _karpathy(tmp_path, images, **{"1__sentences": [{"raw": raw}]})
+    with pytest.raises(ValueError, match=r"images\[1\]\.sentences\[0\] \(1\.png\): 'raw' is .*, not a caption string"):
+        load_karpathy(path, tmp_path / "img", split=None)
+
+
+def test_karpathy_non_utf8_names_file_and_line(tmp_path, images):
+    path = tmp_path / "k.json"
+    path.write_bytes(b'{"images": [\n{"filename": "0.png", "split": "test",\n "sentences": [{"raw": "r\xffd"}]}]}')
+    with pytest.raises(ValueError, match=r"k\.json: line 3, byte 26 of the line: not UTF-8 \(0xff\)"):
+        load_karpathy(path, tmp_path / "img")
