@@ -204,6 +204,16 @@ class LowRankFusion(FeatureFusion):
     ``h = Σ_r λ_r ∏_m ([z_m; 1] W_m^{(r)}) + b`` without building the product tensor, then
     ``ReLU → Dropout → Linear(hidden, num_classes)``. Missing: the constant-1 path, as in TFN.
 
+    Scale: a product of M projections shrinks or explodes geometrically with M if each projection
+    is a zero-mean random variable (with the released code's Xavier init the fused activation had std
+    ~1e-9 at init with 6 modalities, and training could stay at chance). So each code ``z_m`` is
+    layer-normalised (no learned affine; ``||z_m||² = D``, absent codes stay 0) and every factor
+    starts as "1 + noise": its constant-row weights are 1 and its other weights are
+    ``N(0, s²/D)`` with ``(1 + s²)^M = 1 + rank``. Each projection is then ``1 + δ`` with
+    ``Var δ = s²``, the ``rank`` products are independent with mean 1 and variance ``rank``, and
+    with ``λ_r = 1/rank`` and ``b = -1`` the fused activation ``h`` starts with mean 0 and variance 1
+    for any number of modalities and any rank, and the gradient reaching each factor is O(1).
+
     Parameters: ``factors`` (``nn.ParameterList``, one ``[rank, D+1, hidden]`` per modality),
     ``rank_weights`` [rank], ``bias`` [hidden], and the output layer.
     """
@@ -226,12 +236,21 @@ class LowRankFusion(FeatureFusion):
         self.factors = nn.ParameterList(
             [nn.Parameter(torch.empty(rank, embed_dim + 1, hidden)) for _ in self.modalities]
         )
-        self.rank_weights = nn.Parameter(torch.empty(rank))
-        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.rank_weights = nn.Parameter(torch.full((rank,), 1.0 / rank))
+        self.bias = nn.Parameter(torch.full((hidden,), -1.0))
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
-        for f in self.factors:
-            nn.init.xavier_normal_(f)
-        nn.init.normal_(self.rank_weights, std=1.0 / math.sqrt(rank))
+        # (1 + s²)^M = 1 + rank: each product has variance `rank`, so mean over ranks has variance 1
+        s2 = (1.0 + rank) ** (1.0 / len(self.modalities)) - 1.0
+        with torch.no_grad():
+            for f in self.factors:
+                nn.init.normal_(f[:, :embed_dim], std=math.sqrt(s2 / embed_dim))
+                f[:, embed_dim].fill_(1.0)
+
+    def encode(self, inputs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """Layer-normalised codes ``z`` [B, M, D] (zero where absent) and ``present`` [B, M]."""
+        z, present = super().encode(inputs)
+        z = nn.functional.layer_norm(z, (self.embed_dim,))  # an absent (all-zero) code stays zero
+        return torch.where(present.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device)), present
 
     def fuse(self, z: Tensor, present: Tensor) -> Tensor:
         z1 = torch.cat([z, z.new_ones(z.shape[0], z.shape[1], 1)], dim=-1)  # [B, M, D+1]
