@@ -22,26 +22,20 @@ log = logging.getLogger(__name__)
 
 # Small settings: the demo finishes within ~10 minutes on a 2-core CPU with an empty feature cache.
 DEMO_ALIGN = {
-    # no held-out combinations here, so all three parts share one dataset and one feature cache entry
-    # (the bundled config, run by --full, holds two combinations out for DeViSE's zero-shot test)
-    "data": {"name": "shapesworld", "n_scenes": 1500, "image_size": 128, "seed": 0, "max_eval_images": 150,
-             "holdout": []},
+    # overrides of the bundled align_shapesworld.yaml. No held-out combinations here, so all three parts share one
+    # dataset and one feature cache entry (the bundled config, run by --full, holds two out for DeViSE's zero-shot test)
+    "data": {"n_scenes": 1500, "max_eval_images": 150, "holdout": []},
     "seeds": [0],
-    "train": {"max_steps": 150, "batch_size": 256, "lr": 0.001, "weight_decay": 0.05, "warmup_steps": 10,
-              "grad_clip": 1.0},
-    "aligners": {
-        "cca": {"n_components": 64, "reg": 0.1},
-        "cycle_ae": {"latent_dim": 128},
-        "devise": {"margin": 0.1},
-        "clip": {"embed_dim": 256},
-        "gnn": {"embed_dim": 128, "hidden": 128, "train": {"lr": 0.0005, "max_steps": 100, "batch_size": 128}},
-    },
+    "train": {"max_steps": 150, "warmup_steps": 10},
+    # a part section selects parts of the bundled config; each part's options merge onto the bundled ones
+    "aligners": {"cca": {}, "cycle_ae": {"pairing_ratios": []}, "devise": {}, "clip": {},
+                 "gnn": {"embed_dim": 128, "hidden": 128, "train": {"max_steps": 100, "batch_size": 128}}},
 }
 DEMO_FUSION: dict[str, Any] = {
     "data": {"n_scenes": 1500},
     "seeds": [0],
     "tasks": ["nearest_colour", "largest_shape"],
-    # a subset of the bundled config's strategies, with their options there
+    # a subset of the runner's strategies, with their default options
     "strategies": ["unimodal", "data/channel_stack", "feature/concat", "feature/gated", "feature/lmf",
                    "feature/cross_attention", "decision/mean", "decision/stacking"],
     "train": {"max_steps": 200},
@@ -62,22 +56,32 @@ def _runner_config(module, overrides: dict[str, Any] | None, out_dir: Path, full
 
     raw = read_yaml(config_path(bundled))
     if not full and overrides:
-        raw = _deep_update(raw, overrides)
+        defaults = module.Config().model_dump() if hasattr(module.Config, "model_dump") else {}
+        raw = _deep_update(raw, overrides, defaults)
     raw["out_dir"] = str(out_dir)
     return module.load(raw, where=f"demo:{bundled}")
 
 
-def _deep_update(base: dict, new: dict) -> dict:
+PART_SECTIONS = ("aligners", "strategies")  # sections that select parts by name
+
+
+def _deep_update(base: dict, new: dict, defaults: dict | None = None) -> dict:
+    """``new`` merged onto ``base``. A part section (``aligners``, ``strategies``) selects parts: a list of names
+    keeps those parts with their options in ``base`` (or the runner's ``defaults``); a mapping merges each part's
+    options onto them. Other sections merge key by key."""
     out = dict(base)
     for k, v in new.items():
-        # sections that name parts (aligners, strategies) are replaced whole (a list of names keeps those
-        # parts of the bundled section), the others merged key by key
-        if k in ("aligners", "strategies") and isinstance(v, list):
-            missing = [name for name in v if name not in (out.get(k) or {})]
+        if k in PART_SECTIONS:
+            known = out.get(k) or (defaults or {}).get(k) or {}
+            if isinstance(known, list):  # a selection not yet resolved (the demo's own settings)
+                known = {name: {} for name in known}
+            names = list(v)
+            missing = [name for name in names if name not in known]
             if missing:
-                raise KeyError(f"demo: {k} {missing} are not in the bundled config's {k}")
-            out[k] = {name: out[k][name] for name in v}
-        elif isinstance(v, dict) and k not in ("aligners", "strategies") and isinstance(out.get(k), dict):
+                raise KeyError(f"demo: {k} {missing} are not in the bundled config's or the runner's {k}")
+            extra = v if isinstance(v, dict) else {}
+            out[k] = {name: _deep_update(dict(known[name] or {}), extra.get(name) or {}) for name in names}
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_update(out[k], v)
         else:
             out[k] = v

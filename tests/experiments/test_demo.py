@@ -76,13 +76,21 @@ def test_report_links_existing_pictures_and_projector(demo):
     assert sidecar["mm_projector_type"] == "mlp2x_gelu"
 
 
-def test_demo_strategy_names_take_their_options_from_the_bundled_config():
+def test_demo_passes_overrides_and_part_names_take_their_options_from_one_home():
     from experiments.config import config_path, read_yaml
-    from experiments.demo import DEMO_FUSION, _deep_update
+    from experiments.demo import DEMO_ALIGN, DEMO_FUSION, _deep_update
+    from experiments.runners.fusion import Config
 
     bundled = read_yaml(config_path("fusion_shapesworld"))
-    raw = _deep_update(bundled, DEMO_FUSION)
+    defaults = Config().model_dump()
+    raw = _deep_update(bundled, DEMO_FUSION, defaults)
     assert list(raw["strategies"]) == DEMO_FUSION["strategies"]
-    assert all(raw["strategies"][n] == bundled["strategies"][n] for n in raw["strategies"])
+    assert all(raw["strategies"][n] == (defaults["strategies"][n] or {}) for n in raw["strategies"])
     with pytest.raises(KeyError, match=r"strategies \['feature/nope'\] are not in the bundled config"):
-        _deep_update(bundled, {"strategies": ["feature/nope"]})
+        _deep_update(bundled, {"strategies": ["feature/nope"]}, defaults)
+    align = read_yaml(config_path("align_shapesworld"))
+    raw = _deep_update(align, DEMO_ALIGN)
+    assert raw["aligners"]["cca"] == align["aligners"]["cca"]  # options come from the bundled config, not a copy
+    assert raw["aligners"]["gnn"]["train"] == {**align["aligners"]["gnn"]["train"], "max_steps": 100,
+                                               "batch_size": 128}
+    assert raw["train"]["lr"] == align["train"]["lr"] and raw["train"]["max_steps"] == 150

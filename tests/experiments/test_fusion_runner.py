@@ -64,11 +64,18 @@ def no_loading(monkeypatch):
         ({"modalities": {"nearest_colour": ["image"]}, "tasks": ["nearest_colour"]}, r"at least two"),
         ({"modalities": {"nearest_colour": ["image", "audio"]}, "tasks": ["nearest_colour"]}, r"among"),
         ({"grid_tokens": ["decision/mean"]}, r"not a feature-level strategy"),
-        ({"robustness": {"rates": [0.0, 1.5]}}, r"fractions in \[0, 1\]"),
-        ({"robustness": {"noise": 1.0}}, r"unknown key cfg\.robustness\.noise; valid keys.*noise_std"),
-        ({"bogus": 1}, r"unknown key cfg\.bogus"),
-        ({"train": {"out_dir": "x"}}, r"train\.out_dir must be null"),
+        ({"robustness": {"rates": [0.0, 1.5]}}, r"robustness\.rates\.1: Input should be less than or equal to 1"),
+        ({"robustness": {"noise": 1.0}}, r"unknown key robustness\.noise; valid keys of robustness: noise_std"),
+        ({"bogus": 1}, r"unknown key bogus; valid keys of the top level: cache_dir, data"),
+        ({"train": {"out_dir": "x"}}, r"unknown key train\.out_dir; valid keys of train: batch_size"),
         ({"data": {"n_scenes": 0}, "tasks": ["nearest_colour"]}, r"n_scenes must be positive"),
+        ({"seeds": [0.5]}, r"seeds\.0: Input should be a valid integer"),
+        ({"train": {"device": "tpu"}}, r"train\.device: .*must be auto, cpu, mps, cuda or cuda:N"),
+        ({"train": {"lr": -1}}, r"train\.lr: Input should be greater than 0"),
+        ({"train": {"weight_decay": -1}}, r"train\.weight_decay: Input should be greater than or equal to 0"),
+        ({"train": {"max_steps": True}}, r"train\.max_steps: Input should be a valid integer"),
+        ({"data": {"name": "nope"}}, r"unknown dataset 'nope'; known: .*digits, embeddings.*multiview"),
+        ({"data": {"name": "multiview", "path": "/no/such.npz"}}, r"data\.path: /no/such\.npz does not exist"),
     ],
 )
 def test_bad_config_fails_before_any_work(no_loading, over, match):
@@ -84,10 +91,13 @@ def test_run_validates_a_directly_built_config_before_loading(no_loading, tmp_pa
     assert not (tmp_path / "results.json").exists()
 
 
-def test_train_defaults_are_the_runners_not_trainconfigs():
-    cfg = R.load({"train": {"max_steps": 7}}, "cfg")
+def test_partial_sections_merge_onto_the_runners_defaults():
+    cfg = R.load({"train": {"max_steps": 7}, "data": {"n_scenes": 99}}, "cfg")
     assert cfg.train.max_steps == 7
     assert (cfg.train.batch_size, cfg.train.monitor, cfg.train.progress) == (128, "accuracy", False)
+    assert cfg.data.n_scenes == 99 and cfg.data.cnn_pixels == 64  # the rest of the data section is kept
+    other = R.load({"data": {"name": "digits"}}, "cfg")  # another source: shapesworld's options do not apply
+    assert other.data.options() == {} and other.task_modalities() == {"digits_halves": ["left", "right"]}
 
 
 def test_bundled_yaml_is_valid(no_loading):
@@ -95,7 +105,7 @@ def test_bundled_yaml_is_valid(no_loading):
 
     cfg = R.load(read_yaml(config_path("fusion_shapesworld")), "fusion_shapesworld.yaml")
     assert cfg.tasks == ["nearest_colour", "largest_shape", "digits_halves"] and len(cfg.seeds) >= 3
-    assert "text" not in cfg.modalities["nearest_colour"]
+    assert "text" not in cfg.task_modalities()["nearest_colour"]
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -126,7 +136,9 @@ def test_paired_tests_match_scipy_and_a_hand_computed_t():
     acc = {"a": [80.0, 82.0, 81.0], "b": [70.0, 75.0, 71.0], "c": [60.0, 61.0, 62.0], "d": [79.0, 81.0, 80.0]}
     entries = {n: {"val_accuracy": v[0], "accuracy": float(np.mean(v)), "per_seed": {"accuracy": v}}
                for n, v in acc.items()}
-    ref, p = R._paired_tests(entries)
+    from experiments.reports.fusion import _paired_tests
+
+    ref, p = _paired_tests(entries)
     assert ref == "a" and math.isnan(p["a"])
     assert p["b"] == pytest.approx(stats.ttest_rel(acc["a"], acc["b"]).pvalue)
     d = np.subtract(acc["a"], acc["c"])
@@ -137,7 +149,7 @@ def test_paired_tests_match_scipy_and_a_hand_computed_t():
 
 def test_unimodal_classifier_gradients_and_missing_input():
     torch.manual_seed(0)
-    model = R.UnimodalClassifier("image", 12, 4, embed_dim=8, hidden=16)
+    model = R.fusion.UnimodalClassifier("image", 12, 4, embed_dim=8, hidden=16)
     batch = {"image": torch.randn(6, 12), "label": torch.tensor([0, 1, 2, 3, 0, 1])}
     model.loss(batch).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -202,7 +214,7 @@ def test_end_to_end_digits_two_seeds(tmp_path):
 def test_end_to_end_shapesworld_tiny(tmp_path):
     raw = _raw(
         out_dir=str(tmp_path / "out"), tasks=["nearest_colour"], seeds=[0],
-        data={"n_scenes": 40, "image_size": 64, "cnn_pixels": 16, "flat_pixels": 8, "cache_dir": str(tmp_path)},
+        data={"n_scenes": 40, "image_size": 64, "cnn_pixels": 16, "flat_pixels": 8}, cache_dir=str(tmp_path),
         strategies={"unimodal": {"embed_dim": 8, "hidden": 16}, "data/channel_stack": {"width": 4},
                     "feature/cross_attention": {"embed_dim": 8, "hidden": 16, "num_heads": 2, "num_layers": 1},
                     "decision/mean": {}},
@@ -222,15 +234,41 @@ def test_end_to_end_shapesworld_tiny(tmp_path):
     assert "replicated to 3 channels" in report and "fusion_robustness_nearest_colour.png" in report
 
 
-def test_only_deterministic_rules_are_fitted_once():
-    assert R._seed_free("decision/mean", {}) and R._seed_free("decision/vote", {"estimator": {"C": 0.1}})
-    assert not R._seed_free("decision/vote", {"estimator": {"solver": "saga"}})  # stochastic solver
-    assert not R._seed_free("decision/weighted", {}) and not R._seed_free("decision/stacking", {})  # CV folds
-    assert not R._seed_free("feature/concat", {}) and not R._seed_free("unimodal", {})
-
-
 def test_partial_modalities_keep_the_other_tasks_defaults(no_loading):
     cfg = R.load({"modalities": {"nearest_colour": ["image", "depth", "text"]}}, "cfg")
-    assert cfg.modalities["nearest_colour"] == ["image", "depth", "text"]
-    assert cfg.modalities["largest_shape"] == ["image", "depth", "text"]
-    assert cfg.modalities["digits_halves"] == ["left", "right"]
+    mods = cfg.task_modalities()
+    assert mods["nearest_colour"] == ["image", "depth", "text"]
+    assert mods["largest_shape"] == ["image", "depth", "text"]
+    assert mods["digits_halves"] == ["left", "right"]
+
+
+def test_one_seed_reports_plain_numbers(tmp_path):
+    raw = _raw(out_dir=str(tmp_path), seeds=[0], strategies={"feature/concat": {"embed_dim": 8, "hidden": 16},
+                                                             "decision/mean": {}}, train={"max_steps": 3})
+    text = R.format_results(R.run(R.load(raw, "cfg")))
+    assert "±" not in text and "decision/mean" in text
+
+
+def test_multiview_data_runs_with_no_code(tmp_path):
+    """``data.name=multiview data.path=...``: any modality names, vectors and sequences, decision level via the
+    Trainer; strategies that need pixels (or RGB + depth) are skipped with the reason."""
+    rng = np.random.default_rng(0)
+    n = 120
+    y = np.arange(n) % 3
+    acc = rng.normal(size=(n, 3, 10)).astype(np.float32) + y[:, None, None]
+    gene = rng.normal(size=(n, 7)).astype(np.float32) + y[:, None]
+    np.savez(tmp_path / "views.npz", accel=acc, gene=gene, labels=y)
+    raw = _raw(out_dir=str(tmp_path / "out"), seeds=[0], tasks=None, data={"name": "multiview",
+                                                                          "path": str(tmp_path / "views.npz")},
+               strategies={"unimodal": {"embed_dim": 8, "hidden": 16}, "data/channel_stack": {},
+                           "data/concat": {"hidden": 16},
+                           "feature/cross_attention": {"embed_dim": 8, "hidden": 16, "num_heads": 2, "num_layers": 1},
+                           "decision/stacking": {"cv": 3}},
+               train={"max_steps": 30, "batch_size": 32})
+    res = R.run(R.load(raw, "cfg"))
+    e = res["tasks"]["multiview"]
+    assert set(e) == {"unimodal/accel", "unimodal/gene", "data/concat", "feature/cross_attention",
+                      "decision/stacking"}
+    assert "needs modalities image, depth" in res["skipped"]["multiview"]["data/channel_stack"]
+    assert e["decision/stacking"]["accuracy"] > 80.0  # separable classes; fitted through Trainer.fit
+    assert res["task_info"]["multiview"]["inputs"]["grid"] == "accel [10, 3], gene [7]"
