@@ -106,9 +106,9 @@ def test_absolute_reg_and_per_view_override():
 def test_singular_without_reg_raises_naming_the_view_and_rank():
     X, Y = two_views(100, 6, 5, seed=5)
     X[:, 5] = X[:, 0] - 2 * X[:, 1]  # rank-deficient X
-    with pytest.raises(np.linalg.LinAlgError, match=r"X \('image'\).*rank 5 < 6"):
+    with pytest.raises(np.linalg.LinAlgError, match=r"view X\b.*rank 5 < 6.*set reg_x > 0"):
         CCA(2, reg=0.0).fit(X, Y)
-    with pytest.raises(np.linalg.LinAlgError, match=r"Y \('text'\).*n_samples=20 <= n_features=30"):
+    with pytest.raises(np.linalg.LinAlgError, match=r"view Y\b.*n_samples=20 <= n_features=30.*set reg_y > 0"):
         CCA(2, reg_x=1e-3, reg_y=0.0).fit(X[:20, :4], np.random.default_rng(0).normal(size=(20, 30)))
     model = CCA(2, reg=1e-3).fit(X, Y)  # regularised: fine
     assert np.isfinite(model.correlations_).all() and model.x_rank_ == 5
@@ -229,3 +229,90 @@ def test_kernel_cca_save_load(tmp_path):
     loaded = KernelCCA.load(model.save(tmp_path / "kcca.npz"))
     assert repr(loaded) == repr(model)
     np.testing.assert_array_equal(loaded.transform(X, Y)[0], model.transform(X, Y)[0])
+
+
+def test_view_names_come_from_the_caller_never_a_default_image():
+    """Errors name the views "X"/"Y", plus the modality names only when the caller gave them."""
+    X, Y = two_views(100, 6, 5, seed=5)
+    X[:, 5] = X[:, 0] - 2 * X[:, 1]
+    with pytest.raises(np.linalg.LinAlgError) as err:
+        CCA(2, reg=0.0).fit(X, Y)
+    assert "image" not in str(err.value) and "text" not in str(err.value)
+    with pytest.raises(np.linalg.LinAlgError, match=r"view X \('left'\)"):
+        CCA(2, reg=0.0, modalities=("left", "right")).fit(X, Y)
+    with pytest.raises(np.linalg.LinAlgError, match=r"view Y \('right'\)"):
+        CCA(2, reg=0.0, modalities=("left", "right")).fit(Y, X)
+    model = CCA(2)
+    assert model.modalities == ("image", "text")  # the aligner interface's default names still encode
+    loaded = CCA.from_state(CCA(2, reg=0.0).state_dict())
+    with pytest.raises(np.linalg.LinAlgError) as err:
+        loaded.fit(X, Y)
+    assert "image" not in str(err.value)
+
+
+@pytest.mark.parametrize("reg, reg_mode", [(1e-6, "relative"), (0.5, "relative"), (0.5, "absolute"), (0.0, "relative")])
+def test_constant_view_says_which_view_is_constant_not_to_raise_reg(reg, reg_mode):
+    X, Y = two_views(50, 4, 3, seed=2)
+    const = np.full((50, 3), 7.0)
+    with pytest.raises(ValueError, match=r"view Y \('depth'\) is constant.*all 3 columns.*all 50 rows") as err:
+        CCA(2, reg=reg, reg_mode=reg_mode, modalities=("image", "depth")).fit(X, const)
+    assert "reg" not in str(err.value)  # regularisation cannot help: the message must not suggest it
+
+
+def test_singular_error_lists_the_constant_columns():
+    X, Y = two_views(60, 6, 4, seed=3)
+    X[:, [1, 4]] = 2.5
+    with pytest.raises(np.linalg.LinAlgError, match=r"columns \[1, 4\] are constant"):
+        CCA(2, reg=0.0).fit(X, Y)
+    model = CCA(2, reg=1e-3).fit(X, Y)  # the ridge handles constant columns (they get no weight)
+    np.testing.assert_allclose(model.x_weights_[[1, 4]], 0.0, atol=1e-12)
+
+
+def _exact_span_cca(X: np.ndarray, Y: np.ndarray, k: int):
+    """Exact CCA restricted to each view's numerical column span (no ridge): correlations, variates U."""
+    def basis(Z):
+        U, s, _ = np.linalg.svd(Z - Z.mean(0), full_matrices=False)
+        return U[:, s > s[0] * max(Z.shape) * np.finfo(float).eps]
+
+    Qx, Qy = basis(X), basis(Y)
+    A, s, _ = np.linalg.svd(Qx.T @ Qy)
+    return s[:k], Qx @ A[:, :k] * np.sqrt(len(X) - 1)
+
+
+@pytest.mark.parametrize("case", ["full rank", "rank-deficient", "ill-conditioned"])
+def test_default_ridge_distance_from_exact_cca_is_what_reg_effect_says(case):
+    """The docstring's claim for the default reg=1e-6: variates within ~2 reg_effect_ (relative) of exact CCA,
+    correlations within reg_effect_**2. On rank-deficient data the variates move by ~1e-4, not ~1e-6."""
+    rng = np.random.default_rng(0)
+    X, Y = two_views(200, 20, 15, k=5, seed=7)
+    if case == "rank-deficient":
+        X, Y = X[:, :12] @ rng.normal(size=(12, 20)), Y[:, :10] @ rng.normal(size=(10, 15))
+    if case == "ill-conditioned":
+        X = X * np.logspace(0, -2, 20)
+    model = CCA(5).fit(X, Y)
+    corr, U_exact = _exact_span_cca(X, Y, 5)
+    U = model.transform(X)
+    U = U * np.sign((U * U_exact).sum(0))
+    rel = np.linalg.norm(U - U_exact, axis=0) / np.linalg.norm(U_exact, axis=0)
+    assert 0 < model.reg_effect_ < 1
+    assert rel.max() <= 2 * model.reg_effect_
+    assert np.abs(model.correlations_ - corr).max() <= model.reg_effect_**2
+    if case == "rank-deficient":
+        assert rel.max() > 1e-5  # i.e. not "exact up to ~1e-6"
+    assert CCA.from_state(model.state_dict()).reg_effect_ == model.reg_effect_
+
+
+def test_save_interrupted_mid_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    X, Y = two_views(100, 5, 4, seed=1)
+    path = CCA(2).fit(X, Y).save(tmp_path / "cca.npz")
+    before = path.read_bytes()
+
+    def killed(f, **state):
+        f.write(b"PK\x03\x04 half an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        CCA(3).fit(X, Y).save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cca.npz"]
