@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from align.registry import Registry
 
 ALIGNERS: Registry = Registry(
-    "aligner", modules=("align.cca", "align.cycle_ae", "align.clip", "align.devise", "align.gnn")
+    "aligner", modules=("align.cca", "align.cycle_ae", "align.clip", "align.devise", "align.gnn",
+                        "align.qformer_aligner")
 )
 
 

@@ -1,0 +1,239 @@
+"""Evaluating the Q-Former aligner (``align.qformer_aligner``) as BLIP-2 does, and its objective ablation.
+
+* :func:`qformer_retrieval_metrics` — retrieval by ITC (the highest cosine over the queries) and the same
+  after **ITM re-ranking** of each query's top-``k`` ITC candidates, both directions (BLIP/BLIP-2's
+  protocol: candidate score = ITM log-odds + ITC similarity; candidates outside the top-k keep their ITC
+  order below the re-ranked ones). Ranks go through :func:`experiments.retrieval.metrics_from_ranks`, so
+  R@K, median/mean rank and rsum mean what they mean for every other aligner.
+* :func:`itm_hard_negative_metrics` — compositional hard-negative accuracy by ITM score, through
+  :func:`experiments.retrieval.hard_negative_metrics` (a pair is won when the true caption's score is
+  strictly higher).
+* ``python -m experiments.qformer_eval`` — the ablation (ITC / +ITM / +ITG / +classification) on the
+  demo's ShapesWorld data; see ``--help``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from experiments.retrieval import RetrievalRanks, hard_negative_metrics, metrics_from_ranks, retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+
+def _chunks(n: int, size: int):
+    return ((s, min(n, s + size)) for s in range(0, n, size))
+
+
+@torch.no_grad()
+def itc_score_matrix(model, grid: Any, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """ITC similarity [N_img, N_txt] (max over queries) of grids [N_img, P, d] and caption strings."""
+    model.eval()
+    img = torch.cat([model.image_query_embeddings(torch.as_tensor(np.asarray(grid[s:e], dtype=np.float32)))
+                     for s, e in _chunks(len(grid), batch_size)])
+    txt = torch.cat([model.text_embeddings(list(texts[s:e])) for s, e in _chunks(len(texts), batch_size)])
+    from align.qformer_aligner import max_query_similarity
+
+    return max_query_similarity(img, txt).cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def itm_pair_scores(model, grid: Any, texts: Sequence[str], image_rows: np.ndarray, text_rows: np.ndarray,
+                    batch_size: int = 64) -> np.ndarray:
+    """ITM log-odds [M] of the pairs (grid[image_rows[m]], texts[text_rows[m]])."""
+    model.eval()
+    out = np.empty(len(image_rows), dtype=np.float64)
+    for s, e in _chunks(len(image_rows), batch_size):
+        g = torch.as_tensor(np.asarray(grid[np.asarray(image_rows[s:e])], dtype=np.float32))
+        out[s:e] = model.itm_scores(g, [texts[int(j)] for j in text_rows[s:e]]).cpu().numpy()
+    return out
+
+
+def ranks_from_scores(i2t_scores: np.ndarray, t2i_scores: np.ndarray, text_to_image: np.ndarray) -> RetrievalRanks:
+    """Exact ranks (ties in the query's favour, as :mod:`experiments.retrieval`) from score matrices
+    [N_img, N_txt]: image → text ranks read rows of ``i2t_scores`` (an image's rank is that of its best
+    caption), text → image ranks read columns of ``t2i_scores``."""
+    g = np.asarray(text_to_image, dtype=np.int64)
+    n_img, n_txt = i2t_scores.shape
+    cols = np.arange(n_txt)
+    true_t2i = t2i_scores[g, cols]
+    t2i = 1 + (t2i_scores > true_t2i[None, :]).sum(0)
+    best = np.full(n_img, -np.inf)
+    np.maximum.at(best, g, i2t_scores[g, cols])
+    i2t = 1 + (i2t_scores > best[:, None]).sum(1)
+    return RetrievalRanks(image_to_text=i2t, text_to_image=t2i)
+
+
+def rerank_scores(model, grid: Any, texts: Sequence[str], itc: np.ndarray, k: int = 16, batch_size: int = 64
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Score matrices after ITM re-ranking of each image's top-``k`` captions (first) and each caption's top-``k``
+    images (second): candidates get ``offset + ITM log-odds + ITC``, the rest keep their ITC score (below)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n_img, n_txt = itc.shape
+    offset = 1e4
+    i2t, t2i = itc.copy(), itc.copy()
+    ki, kt = min(k, n_txt), min(k, n_img)
+    top_t = np.argsort(-itc, axis=1, kind="stable")[:, :ki]  # [N_img, ki] captions per image
+    top_i = np.argsort(-itc, axis=0, kind="stable")[:kt, :]  # [kt, N_txt] images per caption
+    rows = np.concatenate([np.repeat(np.arange(n_img), ki), top_i.T.reshape(-1)])
+    cols = np.concatenate([top_t.reshape(-1), np.repeat(np.arange(n_txt), kt)])
+    pairs = np.unique(np.stack([rows, cols], 1), axis=0)  # each (image, caption) pair scored once
+    scores = itm_pair_scores(model, grid, texts, pairs[:, 0], pairs[:, 1], batch_size)
+    lookup = np.full((n_img, n_txt), np.nan)
+    lookup[pairs[:, 0], pairs[:, 1]] = scores
+    r = np.repeat(np.arange(n_img), ki)
+    i2t[r, top_t.reshape(-1)] = offset + lookup[r, top_t.reshape(-1)] + itc[r, top_t.reshape(-1)]
+    c = np.tile(np.arange(n_txt), kt)
+    t2i[top_i.reshape(-1), c] = offset + lookup[top_i.reshape(-1), c] + itc[top_i.reshape(-1), c]
+    return i2t, t2i
+
+
+def qformer_retrieval_metrics(model, grid: Any, texts: Sequence[str], text_to_image: np.ndarray, k: int = 16,
+                              batch_size: int = 64) -> dict[str, Any]:
+    """``{"itc": metrics, "itm_rerank": metrics, "k": k, "rerank_seconds": s}``, each metrics dict as
+    :func:`experiments.retrieval.retrieval_metrics` returns it (R@K both ways, ranks, ``rsum``)."""
+    itc = itc_score_matrix(model, grid, texts)
+    out: dict[str, Any] = {"itc": metrics_from_ranks(ranks_from_scores(itc, itc, text_to_image))}
+    t0 = time.perf_counter()
+    i2t, t2i = rerank_scores(model, grid, texts, itc, k, batch_size)
+    out["itm_rerank"] = metrics_from_ranks(ranks_from_scores(i2t, t2i, text_to_image))
+    out.update(k=int(k), rerank_seconds=time.perf_counter() - t0)
+    return out
+
+
+def itm_hard_negative_metrics(model, grid: Any, sources: Sequence[str], negatives: Sequence[str],
+                              owner: np.ndarray, batch_size: int = 64) -> dict[str, float]:
+    """Hard-negative accuracy by ITM (and by ITC max-sim): does ``sources[m]`` outscore ``negatives[m]`` on
+    image ``owner[m]``? Scores enter :func:`hard_negative_metrics` as 1-D embeddings (unnormalised)."""
+    owner = np.asarray(owner, dtype=np.int64)
+    ones = np.ones((len(owner), 1))
+    pos = itm_pair_scores(model, grid, sources, owner, np.arange(len(owner)), batch_size)
+    neg = itm_pair_scores(model, grid, negatives, owner, np.arange(len(owner)), batch_size)
+    itm = hard_negative_metrics(ones, pos[:, None], neg[:, None], np.arange(len(owner)), normalize=False)
+    with torch.no_grad():
+        model.eval()
+        imgs = torch.cat([model.image_query_embeddings(torch.as_tensor(np.asarray(grid[owner[s:e]], np.float32)))
+                          for s, e in _chunks(len(owner), 256)])
+        ps = torch.cat([model.text_embeddings(list(sources[s:e])) for s, e in _chunks(len(owner), 256)])
+        ns = torch.cat([model.text_embeddings(list(negatives[s:e])) for s, e in _chunks(len(owner), 256)])
+        itc_pos = torch.einsum("nqd,nd->nq", imgs, ps).amax(1).numpy()[:, None]
+        itc_neg = torch.einsum("nqd,nd->nq", imgs, ns).amax(1).numpy()[:, None]
+    itc = hard_negative_metrics(ones, itc_pos, itc_neg, np.arange(len(owner)), normalize=False)
+    return {"itm": itm["per_pair"], "itm_per_image": itm["per_image"], "itc": itc["per_pair"],
+            "n_pairs": itm["n_pairs"]}
+
+
+# ------------------------------------------------------------------------------------------ ablation
+
+VARIANTS: dict[str, dict[str, float]] = {
+    "itc": {"itc_weight": 1.0, "itm_weight": 0.0, "itg_weight": 0.0, "cls_weight": 0.0},
+    "itc+itm": {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 0.0, "cls_weight": 0.0},
+    "itc+itm+itg": {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 1.0, "cls_weight": 0.0},
+    "itc+itm+itg+cls": {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 1.0, "cls_weight": 1.0},
+    # the same, with each training caption's image also given one of its ShapesWorld hard negatives for ITM
+    "itc+itm+itg+cls+hn": {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 1.0, "cls_weight": 1.0},
+}
+
+
+def _data(n_scenes: int, max_eval_images: int):
+    """The demo's ShapesWorld (no held-out combinations), MobileNetV2 grids from the feature cache."""
+    from experiments.data import load_shapesworld
+    from experiments.features import FeatureCache, build_encoder, extract_features
+
+    ds = load_shapesworld(n_scenes=n_scenes, image_size=128, seed=0, holdout=[])
+    feats = extract_features(ds.images, build_encoder("mobilenet_v2"), FeatureCache(), ds.fingerprint, "all",
+                             kinds=("pooled", "grid"))
+    return ds, feats["grid"], np.asarray(ds.splits["test"])[:max_eval_images]
+
+
+def run_variant(name: str, args, ds, grid, test_idx, seed: int) -> dict[str, Any]:
+    from align.base import build_aligner, encode_in_batches
+    from experiments.pairs import PairedDataset
+    from experiments.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(seed)
+    labels = np.asarray(ds.labels["shape_colour"])
+    model = build_aligner("qformer", image_dim=int(grid.shape[-1]), num_queries=args.queries, num_layers=args.layers,
+                          max_text_len=args.max_text_len, itg_vocab=args.itg_vocab,
+                          num_classes=int(labels.max()) + 1, **VARIANTS[name])
+    tr = np.asarray(ds.splits["train"])
+    texts = [t for i in tr for t in ds.captions[i]]
+    t2i = np.repeat(np.arange(len(tr)), [len(ds.captions[i]) for i in tr])
+    per_text: dict[str, Any] = {"text": texts}
+    if name.endswith("+hn"):  # one training hard negative of the caption's image, drawn once (seeded)
+        rng = np.random.default_rng(seed)
+        per_text["hard_negative"] = [ds.hard_negatives[tr[g]][rng.integers(len(ds.hard_negatives[tr[g]]))]
+                                     if ds.hard_negatives[tr[g]] else "" for g in t2i]
+    data = PairedDataset({"image": grid[tr], "label": labels[tr]}, per_text, t2i)
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=0.05,
+                      warmup_steps=max(1, args.steps // 15), grad_clip=1.0, seed=seed, progress=False)
+    t0 = time.perf_counter()
+    Trainer(cfg).fit(model, data)
+    train_s = time.perf_counter() - t0
+    test_grid = np.asarray(grid[test_idx], dtype=np.float32)
+    test_texts = [t for i in test_idx for t in ds.captions[i]]
+    test_t2i = np.repeat(np.arange(len(test_idx)), [len(ds.captions[i]) for i in test_idx])
+    res: dict[str, Any] = {"variant": name, "seed": seed, "train_seconds": train_s,
+                           "params_trained": model.num_trainable_parameters()}
+    # the shared evaluator's view: encode() (mean query embedding) and cosine
+    img = encode_in_batches(model, "image", torch.from_numpy(test_grid), 256)
+    txt = torch.cat([model.encode("text", test_texts[s:e]) for s, e in _chunks(len(test_texts), 256)])
+    res["encode_rsum"] = retrieval_metrics(img, txt, test_t2i, progress=False)["rsum"]
+    t0 = time.perf_counter()
+    res.update(qformer_retrieval_metrics(model, test_grid, test_texts, test_t2i, k=args.k))
+    src = [s for i in test_idx for s in ds.hard_negative_sources[i]]
+    neg = [s for i in test_idx for s in ds.hard_negatives[i]]
+    owner = np.repeat(np.arange(len(test_idx)), [len(ds.hard_negatives[i]) for i in test_idx])
+    res["hard_negatives"] = itm_hard_negative_metrics(model, test_grid, src, neg, owner)
+    res["eval_seconds"] = time.perf_counter() - t0
+    if args.save:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), Path(args.out) / f"{name}-seed{seed}.pt")
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--n-scenes", type=int, default=1500)
+    p.add_argument("--max-eval-images", type=int, default=150)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--queries", type=int, default=4)
+    p.add_argument("--max-text-len", type=int, default=24)
+    p.add_argument("--itg-vocab", default="batch", choices=["full", "batch"])
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--out", default="runs/qformer_ablation")
+    p.add_argument("--save", action="store_true", help="also save each model's state dict")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    ds, grid, test_idx = _data(args.n_scenes, args.max_eval_images)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.variants:
+        for seed in args.seeds:
+            r = run_variant(name, args, ds, grid, test_idx, seed)
+            results.append(r)
+            print(json.dumps({k: r[k] for k in ("variant", "seed", "train_seconds", "encode_rsum")}
+                             | {"itc_rsum": r["itc"]["rsum"], "rerank_rsum": r["itm_rerank"]["rsum"],
+                                "hard_neg": r["hard_negatives"]}), flush=True)
+            from align.weights import write_file_atomically
+
+            blob = json.dumps({"args": vars(args), "runs": results}, indent=1).encode()
+            write_file_atomically(out / "results.json", lambda f: f.write(blob))
+
+
+if __name__ == "__main__":
+    main()
