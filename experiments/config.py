@@ -219,7 +219,8 @@ def _errors(cls: type[BaseModel], err: ValidationError, where: str, prefix: str 
             lines.append(f"unknown key {key}; valid keys of {parent}: {valid}")
         else:
             got = e.get("input")
-            lines.append(f"{key}: {e['msg']} (got {got!r})" if not isinstance(got, Mapping) else f"{key}: {e['msg']}")
+            shown = not isinstance(got, Mapping) and repr(got) not in e["msg"]
+            lines.append(f"{key}: {e['msg']} (got {got!r})" if shown else f"{key}: {e['msg']}")
     return ConfigError(f"{where}: " + "; ".join(lines))
 
 

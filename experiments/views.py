@@ -47,9 +47,9 @@ def check_encoders(enc: EncodersSection, where: str) -> None:
     for modality in ("image", "text"):
         name = getattr(enc, modality)
         if name not in ENCODERS:
-            raise ConfigError(f"{where}.encoders.{modality}: unknown encoder {name!r}; known: "
+            raise ConfigError(f"{where}: encoders.{modality}: unknown encoder {name!r}; known: "
                               f"{', '.join(ENCODERS.names())}")
-        check_kwargs(ENCODERS.get(name), getattr(enc, f"{modality}_options"), f"{where}.encoders.{modality}_options")
+        check_kwargs(ENCODERS.get(name), getattr(enc, f"{modality}_options"), f"{where}: encoders.{modality}_options")
 
 
 def _loader_options(section: DataSection) -> dict[str, Any]:
@@ -91,22 +91,22 @@ def check_data_section(section: DataSection, where: str) -> None:
     from experiments.data._common import replace_config
 
     if section.name not in DATASETS:
-        raise ConfigError(f"{where}.data.name: unknown dataset {section.name!r}; known: {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"{where}: data.name: unknown dataset {section.name!r}; known: {', '.join(sorted(DATASETS))}")
     view = section.options().get("view", "image_text")
     if view not in ("image_text", "halves") or (view == "halves" and section.name != "digits"):
-        raise ConfigError(f"{where}.data.view must be 'image_text' (or 'halves' for digits), got {view!r}")
+        raise ConfigError(f"{where}: data.view must be 'image_text' (or 'halves' for digits), got {view!r}")
     opts = _loader_options(section)
     config = _config_class(section.name)
     if config is not None:
         try:
-            replace_config(config(), opts, f"{where}.data ({section.name})")
+            replace_config(config(), opts, f"{where}: data ({section.name})")
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{where}.data: {e}") from None
+            raise ConfigError(f"{where}: data: {e}") from None
     else:
-        check_kwargs(DATASETS[section.name], opts, f"{where}.data ({section.name})", skip=("check_files",))
+        check_kwargs(DATASETS[section.name], opts, f"{where}: data ({section.name})", skip=("check_files",))
     for k in _PATH_KEYS:
         if opts.get(k) is not None and not Path(opts[k]).exists():
-            raise ConfigError(f"{where}.data.{k}: {opts[k]} does not exist")
+            raise ConfigError(f"{where}: data.{k}: {opts[k]} does not exist")
 
 
 def load_data(section: DataSection, cache_root: Path) -> Any:

@@ -27,7 +27,13 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(parts) - {"align", "fusion", "bridge"})
     if unknown:
         raise ValueError(f"unknown demo part(s) {', '.join(unknown)}; choose from align, fusion, bridge")
-    results = run_demo(out, full=args.full, parts=parts)
+    try:
+        results = run_demo(out, full=args.full, parts=parts)
+    except KeyboardInterrupt:
+        import sys
+
+        print(f"\nalignfuse demo: interrupted; run `alignfuse demo --out {out}` to resume", file=sys.stderr)
+        return 130
     print(f"\nalignfuse demo finished in {results['seconds']['total']:.0f} s")
     print(f"  report:  {out}/report.md")
     print(f"  results: {out}/results.json")

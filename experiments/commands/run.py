@@ -1,11 +1,17 @@
-"""``alignfuse run CONFIG.yaml [key=value ...]``: run any experiment config with dotted overrides."""
+"""``alignfuse run CONFIG.yaml [key=value ...]``: run any experiment config with dotted overrides.
+
+Every value is validated before any work (``--dry-run`` stops there and prints the full config). Runs resume:
+rerunning the same command continues an interrupted run from its checkpoints under ``out_dir`` and keeps the
+(part, seed) units already finished. Ctrl-C stops at the next training step with a checkpoint.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 NAME = "run"
-HELP = "run an experiment config (align, fusion or bridge) with dotted key=value overrides"
+HELP = "run an experiment config (align, fusion or bridge) with dotted key=value overrides; reruns resume"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(mod.to_dict(cfg) if hasattr(mod, "to_dict") else raw, indent=2, default=str))
         return 0
-    results = mod.run(cfg)
+    try:
+        results = mod.run(cfg)
+    except KeyboardInterrupt:
+        out = getattr(cfg, "out_dir", None)
+        print(f"\nalignfuse run: interrupted; checkpoints are in {out}: run the same command again to resume",
+              file=sys.stderr)
+        return 130
     print(mod.format_results(results))
     return 0
