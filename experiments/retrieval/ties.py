@@ -56,7 +56,8 @@ class TieCounts:
             if k <= 4096:  # C(g - t, j) / C(g, j) = prod_{i<j} (g - t - i) / (g - i), exact to rounding
                 miss = np.ones(len(gm))
                 for i in range(int(jm.max())):
-                    miss = np.where(i < jm, miss * ((gm - tm - i) / (gm - i)), miss)
+                    live = i < jm
+                    miss[live] *= (gm[live] - tm[live] - i) / (gm[live] - i)
                 out[mid] = 1.0 - miss
             else:  # the same ratio through log-gamma
                 log_miss = (gammaln(gm - tm + 1) + gammaln(gm - jm + 1) - gammaln(gm - tm - jm + 1)
@@ -85,7 +86,8 @@ def group_precision_sum(s, g, t, a, mode: str) -> np.ndarray:
         first = s if mode == "optimistic" else s + g - t
         out = np.zeros(np.broadcast(s, g, t, a).shape)
         for q in range(1, int(t.max(initial=0)) + 1):
-            out += np.where(q <= t, (a + q) / (first + q), 0.0)
+            live = q <= t
+            out += np.divide(a + q, first + q, out=np.zeros_like(out), where=live)
         return out
     h1 = _harmonic_span(s, g)
     h2 = g - (s + 1.0) * h1  # sum_p (p - 1) / (s + p)
@@ -102,7 +104,8 @@ def image_average_precision(thr: np.ndarray, above: np.ndarray, tied: np.ndarray
     vals = np.where(real, thr, -np.inf)
     a = (vals[None, :, :] > vals[:, None, :]).sum(1)  # [m, N]: true items strictly above slot k
     t = (vals[None, :, :] == vals[:, None, :]).sum(1)
-    share = group_precision_sum(above, np.maximum(tied, 1), np.maximum(t, 1), a, mode) / np.maximum(t, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # padding slots, masked below
+        share = group_precision_sum(above, np.maximum(tied, 1), np.maximum(t, 1), a, mode) / np.maximum(t, 1)
     return np.where(real, share, 0.0).sum(0) / real.sum(0)
 
 
