@@ -85,7 +85,7 @@ def build_app(src: RunSource, upload_root: str | Path | None = None):
         gallery = gr.Gallery(picks, label=f"{label}: pick a test image", columns=8, height=230,
                              allow_preview=False, object_fit="contain", format="png")
         with gr.Row():
-            row = gr.Number(0, label="gallery image #", precision=0, minimum=0, maximum=len(src.gallery.images) - 1)
+            row = gr.Number(0, label=f"gallery image # (0-{len(src.gallery.images) - 1})", precision=0)
             upload = gr.File(label="…or upload a PNG/JPEG (up to 10 MB)", file_types=[".png", ".jpg", ".jpeg"],
                              type="filepath", height=90)
 
