@@ -55,3 +55,16 @@ __all__ = [
     "small_cnn",
     "widen_first_conv",
 ]
+
+
+def _import_all_strategy_modules() -> None:
+    """Import every module of this package, so a new strategy file registers itself (no import line to add)."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_import_all_strategy_modules()
