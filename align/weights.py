@@ -92,6 +92,12 @@ def clean_stale_temps(directory: str | os.PathLike, max_age_s: float = STALE_TEM
     return removed
 
 
+def temp_prefix(name: str, directory: bool = False) -> str:
+    """Prefix of this process's temporaries for ``name`` (what :func:`clean_stale_temps` recognises);
+    ``tempfile.mkstemp(prefix=…, suffix=".tmp")`` / ``tempfile.mkdtemp(prefix=…)`` add the random part."""
+    return f".{name}.tmp-{_HOST}-{os.getpid()}-" if directory else f".{name}.{_HOST}-{os.getpid()}."
+
+
 def write_file_atomically(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
     """Run ``write(f)`` on a binary temporary file beside ``path``, fsync it and ``os.replace`` it onto ``path``:
     a reader, or a run killed mid-write, sees the previous file or the new one, never a partial file.
@@ -101,7 +107,7 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Any], None])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     os.fchmod(fd, 0o644)  # mkstemp makes it private (0600); results and caches are as readable as other files
     try:
         with os.fdopen(fd, "wb") as f:
@@ -126,7 +132,7 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None],
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_HOST}-{os.getpid()}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name, directory=True), dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private (0700); a cache is as readable as any other directory
     try:
         write(tmp)

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from align.registry import Registry
-from align.weights import MOBILENET_V2, cache_root, package_file, write_file_atomically
+from align.weights import MOBILENET_V2, cache_root, clean_stale_temps, package_file, write_file_atomically
+from experiments.data._common import check_file, file_record
 
 log = logging.getLogger(__name__)
 
@@ -520,12 +521,14 @@ class FeatureCache:
     """Features on disk, one entry per (encoder name, dataset fingerprint, split).
 
     Layout: ``root/<encoder>/<fingerprint>/<split>/<kind>.npy`` plus ``meta.json`` (encoder,
-    fingerprint, split, number of rows, shape/dtype of each kind, creation time). ``meta.json`` is
-    written last, so an entry without it is incomplete and ignored. Loads are memory-mapped.
+    fingerprint, split, number of rows, shape/dtype/size/sha256 of each kind, creation time).
+    ``meta.json`` is written last, so an entry without it is incomplete and ignored; an entry whose
+    files do not match it is damaged and recomputed (see :meth:`load`). Loads are memory-mapped.
     ``root`` defaults to ``align.weights.cache_root() / "features"``.
     """
 
     META = "meta.json"
+    FORMAT = 2  # 2: per-kind size and sha256 (entries of format 1 are recomputed once)
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root is not None else cache_root() / "features"
@@ -551,20 +554,31 @@ class FeatureCache:
 
     def load(self, encoder_name: str, dataset_fingerprint: str, split: str,
              kinds: Sequence[str] | None = None) -> Features | None:
-        """Memory-mapped arrays ``{kind: np.memmap}`` (all kinds if ``kinds`` is ``None``); ``None`` on a miss."""
+        """Memory-mapped arrays ``{kind: np.memmap}`` (all kinds if ``kinds`` is ``None``); ``None`` on a miss.
+
+        A damaged entry is a miss (logged as a warning, so the caller recomputes it): a file whose size or
+        sha256 differs from the sidecar (0-byte, truncated, garbage, swapped with another split's), a sidecar
+        that names another entry, or one written before content hashes were recorded. The sha256 of a file is
+        checked once per process (hashing runs at a few hundred MB/s); its size on every load.
+        """
+        directory = self.entry_dir(encoder_name, dataset_fingerprint, split)
+        clean_stale_temps(directory)  # temporaries of killed writers
         meta = self.info(encoder_name, dataset_fingerprint, split)
         if meta is None:
             return None
         kinds = list(meta["kinds"]) if kinds is None else list(kinds)
         if any(k not in meta["kinds"] for k in kinds):
             return None
-        directory = self.entry_dir(encoder_name, dataset_fingerprint, split)
+        problem = self._check_entry(meta, encoder_name, dataset_fingerprint, split, kinds)
+        if problem is not None:
+            log.warning("feature cache entry %s is damaged (%s); recomputing", directory, problem)
+            return None
         out: Features = {}
         for kind in kinds:
             path = directory / meta["kinds"][kind]["file"]
             try:
                 arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
+            except (OSError, EOFError, ValueError) as e:
                 log.warning("feature cache entry %s is damaged (%s: %s); recomputing", directory, path.name, e)
                 return None
             expected = (tuple(meta["kinds"][kind]["shape"]), meta["kinds"][kind]["dtype"])
@@ -574,6 +588,25 @@ class FeatureCache:
                 return None
             out[kind] = arr
         return out
+
+    def _check_entry(self, meta: dict[str, Any], encoder_name: str, dataset_fingerprint: str, split: str,
+                     kinds: Sequence[str]) -> str | None:
+        """Why the entry's files of ``kinds`` cannot be trusted, or ``None``."""
+        if meta.get("format", 1) < self.FORMAT:
+            return "written by an older version, without content hashes"
+        key = {"encoder": encoder_name, "dataset_fingerprint": dataset_fingerprint, "split": split}
+        wrong = {k: meta.get(k) for k, v in key.items() if meta.get(k) != v}
+        if wrong:
+            return f"its {self.META} belongs to another entry ({wrong})"
+        directory = self.entry_dir(encoder_name, dataset_fingerprint, split)
+        for kind in kinds:
+            entry = meta["kinds"][kind]
+            if "sha256" not in entry or "size" not in entry:
+                return f"no content hash for {kind!r}"
+            problem = check_file(directory / entry["file"], entry)
+            if problem is not None:
+                return problem
+        return None
 
     def save(self, encoder_name: str, dataset_fingerprint: str, split: str,
              features: Mapping[str, np.ndarray]) -> Features:
@@ -605,17 +638,20 @@ class FeatureCache:
         n_rows = next(iter(rows.values()))
         old = self.info(encoder_name, dataset_fingerprint, split)
         kept = {k: v for k, v in (old or {}).get("kinds", {}).items()
-                if k not in features and old.get("n_rows") == n_rows}
+                if k not in features and old.get("n_rows") == n_rows and old.get("format", 1) >= self.FORMAT}
+        records = {}
         for kind, arr in features.items():
-            write_file_atomically(directory / f"{kind}.npy", lambda f, arr=arr: np.save(f, arr, allow_pickle=False))
+            path = write_file_atomically(directory / f"{kind}.npy",
+                                         lambda f, arr=arr: np.save(f, arr, allow_pickle=False))
+            records[kind] = file_record(path)
         meta = {
-            "format": 1,
+            "format": self.FORMAT,
             "encoder": encoder_name,
             "dataset_fingerprint": dataset_fingerprint,
             "split": split,
             "n_rows": n_rows,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "kinds": {**kept, **{k: {"file": f"{k}.npy", "shape": list(v.shape), "dtype": str(v.dtype)}
+            "kinds": {**kept, **{k: {"file": f"{k}.npy", "shape": list(v.shape), "dtype": str(v.dtype), **records[k]}
                                  for k, v in features.items()}},
         }
         write_file_atomically(directory / self.META, lambda f: f.write(json.dumps(meta, indent=2).encode()))

@@ -1,4 +1,9 @@
-"""Helpers shared by the datasets: fingerprints, seeded splits, flattened captions, atomic cache directories."""
+"""Helpers shared by the datasets: fingerprints, seeded splits, flattened captions, cache manifests.
+
+A cached directory carries a ``manifest.json`` (size and sha256 of every file, written last): :func:`check_manifest`
+finds a missing, truncated (0-byte), replaced or swapped file. Sizes are checked on every open; the content hash
+once per file per process (hashing runs at ~200-400 MB/s, so a 150 MB image array costs ~0.5 s on first open).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +11,8 @@ import gc
 import hashlib
 import json
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -124,3 +131,78 @@ def save_json(path: Path, obj: Any) -> None:
 def load_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f, gc_paused():
         return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+
+MANIFEST = "manifest.json"
+_verified: set[tuple] = set()  # (path, size, mtime_ns, inode, sha256) whose content was hashed in this process
+_verified_lock = threading.Lock()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of one file (and remember it as verified in this process)."""
+    digest = sha256_file(path)
+    st = os.stat(path)
+    with _verified_lock:
+        _verified.add((str(path), st.st_size, st.st_mtime_ns, st.st_ino, digest))
+    return {"size": st.st_size, "sha256": digest}
+
+
+def check_file(path: str | os.PathLike, record: dict[str, Any], full_hash: bool = True) -> str | None:
+    """Why ``path`` does not match ``record`` (``{"size", "sha256"}``), or ``None`` if it does.
+
+    The size is always compared; the sha256 once per (file, size, mtime, inode) per process (``full_hash``).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{Path(path).name} is missing"
+    if st.st_size != record["size"]:
+        return f"{Path(path).name} has {st.st_size} bytes, {record['size']} expected"
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, record["sha256"])
+    if not full_hash or key in _verified:
+        return None
+    if sha256_file(path) != record["sha256"]:
+        return f"{Path(path).name} has different content than when it was written (sha256 mismatch: damaged or replaced)"
+    with _verified_lock:
+        _verified.add(key)
+    return None
+
+
+def write_manifest(directory: Path) -> dict[str, Any]:
+    """Record every file under ``directory`` (relative POSIX paths) in ``directory/manifest.json``; call it last."""
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): file_record(p)
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {"format": 1, "files": files}
+    save_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def check_manifest(directory: Path, only: Sequence[str] | None = None) -> str | None:
+    """Why the files under ``directory`` differ from its manifest (first problem found), or ``None``.
+
+    ``only`` limits the check to those relative paths (each must be in the manifest).
+    """
+    directory = Path(directory)
+    try:
+        manifest = load_json(directory / MANIFEST)
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (written by an older version, or not by alignfuse)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    for rel in (files if only is None else only):
+        if rel not in files:
+            return f"{rel} is not in its {MANIFEST}"
+        problem = check_file(directory / rel, files[rel])
+        if problem is not None:
+            return problem.replace(Path(rel).name, rel, 1)
+    return None

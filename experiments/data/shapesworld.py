@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -56,14 +57,16 @@ import numpy as np
 from experiments.data._common import (
     CaptionedSplits,
     check_fractions,
+    check_manifest,
     fingerprint as _fingerprint,
     gc_paused,
     load_json,
     replace_config,
     save_json,
     seeded_splits,
+    write_manifest,
 )
-from align.weights import write_dir_atomically
+from align.weights import clean_stale_temps, temp_prefix, write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -300,13 +303,21 @@ class ShapesWorld(CaptionedSplits):
                                           "fingerprint": self.fingerprint, "config": self.config.to_dict(),
                                           "class_names": self.class_names, "labels": list(self.labels),
                                           "splits": list(self.splits)})
+            write_manifest(tmp)  # last: size + sha256 of every file, checked by load
 
         return write_dir_atomically(Path(path), write)
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> "ShapesWorld":
-        """Read a dataset written by :meth:`save`; images and depth are memory-mapped (read-only) if ``mmap``."""
+        """Read a dataset written by :meth:`save`; images and depth are memory-mapped (read-only) if ``mmap``.
+
+        Every file is checked against the directory's manifest first (size; sha256 once per process): a damaged,
+        truncated or swapped file raises ``ValueError`` naming it.
+        """
         path = Path(path)
+        problem = check_manifest(path)
+        if problem is not None:
+            raise ValueError(f"ShapesWorld directory {path}: {problem}")
         meta = load_json(path / "meta.json")
         mode = "r" if mmap else None
         text = load_json(path / "text.json")
@@ -353,6 +364,7 @@ def load_shapesworld(
 
         cache_dir = cache_root() / "datasets"
     path = Path(cache_dir) / f"shapesworld-{fp}"
+    clean_stale_temps(path.parent)  # temporaries of killed writers
     if path.exists():
         try:
             data = ShapesWorld.load(path)
@@ -361,8 +373,8 @@ def load_shapesworld(
                 return data
             log.warning("ShapesWorld cache %s has fingerprint %s, expected %s; regenerating",
                         path, data.fingerprint, fp)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ShapesWorld cache %s is unreadable (%s); regenerating", path, e)
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
+            log.warning("ShapesWorld cache %s is damaged or unreadable (%s); regenerating", path, e)
         _remove_stale(path)
     data = generate_shapesworld(config)
     data.save(path)
@@ -372,11 +384,13 @@ def load_shapesworld(
 
 
 def _remove_stale(path: Path) -> None:
-    stale = path.with_name(f".{path.name}.stale-{os.getpid()}")
+    # renamed first (atomic: readers never see a half-deleted cache) onto an empty directory named like a temporary
+    # of this process, so that a kill during the rmtree leaves something clean_stale_temps removes
+    stale = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name, directory=True), dir=path.parent))
     try:
-        os.rename(path, stale)  # atomic: readers never see a half-deleted cache
+        os.rename(path, stale)
     except FileNotFoundError:  # another process got there first
-        return
+        pass
     shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -293,7 +293,10 @@ def test_cache_hit_skips_compute_and_loads_memory_mapped(tmp_path):
 
     meta = json.loads((cache.entry_dir("counting", "fp1", "train") / "meta.json").read_text())
     assert meta["encoder"] == "counting" and meta["split"] == "train" and meta["n_rows"] == 10
-    assert meta["kinds"]["grid"] == {"file": "grid.npy", "shape": [10, 16, 3], "dtype": "float16"}
+    grid_file = cache.entry_dir("counting", "fp1", "train") / "grid.npy"
+    assert meta["kinds"]["grid"] == {"file": "grid.npy", "shape": [10, 16, 3], "dtype": "float16",
+                                     "size": grid_file.stat().st_size,
+                                     "sha256": hashlib.sha256(grid_file.read_bytes()).hexdigest()}
     assert "created" in meta
 
     # other split, other fingerprint, other kinds: misses
