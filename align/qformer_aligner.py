@@ -115,7 +115,10 @@ class QFormerAligner(GradientAligner):
         local_loss, gather_with_grad: ``ClipLoss`` options for multi-process training.
     """
 
-    inputs = {"image": "grid", "text": "raw", "label": "class"}
+    inputs = {"image": "grid", "text": "raw"}
+    # fed when the data has them (the runner does not feed optional inputs yet: the ``cls`` term then needs a
+    # caller that puts ``"label"`` in the batch, e.g. ``experiments.qformer_eval``)
+    optional_inputs = {"label": "class"}
     auto_inputs = ("image_dim", "num_classes", "class_embeddings")
 
     @classmethod

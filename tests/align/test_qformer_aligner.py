@@ -29,7 +29,8 @@ def grids(n: int = 8, seed: int = 0) -> torch.Tensor:
 
 def test_registered_and_declares_inputs():
     cls = ALIGNERS.get("qformer")
-    assert cls is QFormerAligner and cls.inputs == {"image": "grid", "text": "raw", "label": "class"}
+    assert cls is QFormerAligner and cls.inputs == {"image": "grid", "text": "raw"}
+    assert cls.optional_inputs == {"label": "class"}
     m = cls.from_inputs({"image": 8, "text": 0, "label": 0}, class_embeddings=torch.zeros(5, 3),
                         **{k: v for k, v in TINY.items() if k != "image_dim"}, cls_weight=1.0)
     assert m.cls_head.out_features == 5
