@@ -19,6 +19,25 @@ from experiments.data.real._split import stratified_take
 log = logging.getLogger(__name__)
 
 SENSORS = {"accelerometer": (0, 3), "gyroscope": (3, 6)}
+REPRESENTATIONS = ("sequence", "summary")
+SUMMARY = ("mean", "std", "min", "max", "median", "mean_abs_diff", "std_diff", "fft_band_1", "fft_band_2",
+           "fft_band_3", "fft_band_4", "zero_crossings")
+
+
+def summarise(x: np.ndarray) -> np.ndarray:
+    """Per-channel summary features of sequences [N, C, T] -> float32 [N, C * 12] (channel-major, in the order of
+    :data:`SUMMARY`): moments, order statistics, the size of step-to-step changes, the share of spectral energy in
+    four equal frequency bands, and the rate of mean crossings. Shift-invariant in time, as activity cues are."""
+    x = np.asarray(x, dtype=np.float64)
+    d = np.diff(x, axis=2)
+    power = np.abs(np.fft.rfft(x - x.mean(2, keepdims=True), axis=2)[:, :, 1:]) ** 2
+    bands = np.stack([b.sum(2) for b in np.array_split(power, 4, axis=2)], axis=2)
+    bands = bands / np.maximum(bands.sum(2, keepdims=True), 1e-12)
+    centred = x - x.mean(2, keepdims=True)
+    crossings = (np.signbit(centred[:, :, 1:]) != np.signbit(centred[:, :, :-1])).mean(2)
+    feats = np.concatenate([np.stack([x.mean(2), x.std(2), x.min(2), x.max(2), np.median(x, 2),
+                                      np.abs(d).mean(2), d.std(2)], axis=2), bands, crossings[:, :, None]], axis=2)
+    return feats.reshape(len(x), -1).astype(np.float32)
 
 
 def read_ts(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -77,15 +96,21 @@ def load_basicmotions(
     path: str | Path | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
+    representation: str = "sequence",
     fetch: bool = True,
 ) -> MultiViewData:
     """The two sensors over the 80 recordings; rows 0-39 are the archive's train file, 40-79 its test file.
+
+    ``representation``: ``"sequence"`` (each view float32 [N, 3, 100]) or ``"summary"`` (each view the
+    :func:`summarise` features [N, 36]: the fallback for fusion parts that take vectors, not sequences).
 
     ``val_fraction`` (of all rows) is carved per class from train with ``seed``. ``path``: a folder holding
     ``BasicMotions_TRAIN.ts`` and ``BasicMotions_TEST.ts`` (default: the fetched copy).
     """
     from experiments.data.fetch import find_data
 
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}")
     root = find_data("basicmotions", path, fetch_missing=fetch)
     parts = {}
     h = hashlib.sha256()
@@ -106,7 +131,9 @@ def load_basicmotions(
     train, val = stratified_take(y, train, frac, seed)
     splits = {"train": train, "val": val, "test": np.arange(len(ytr), len(y), dtype=np.int64)}
     views = {name: np.ascontiguousarray(x[:, a:b]) for name, (a, b) in SENSORS.items()}
-    h.update(f"{val_fraction}|{seed}".encode())
+    if representation == "summary":
+        views = {name: summarise(v) for name, v in views.items()}
+    h.update(f"{val_fraction}|{seed}|{representation}".encode())
     log.info("basicmotions: %d recordings, views %s, splits %s", len(y), {k: v.shape[1:] for k, v in views.items()},
              {k: len(v) for k, v in splits.items()})
     return MultiViewData(views=views, labels=y, class_names=ctr, splits=splits, fingerprint=h.hexdigest()[:16],
