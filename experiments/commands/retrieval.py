@@ -1,16 +1,16 @@
 """``alignfuse retrieval``: exact image↔text retrieval metrics from embedding files.
 
     alignfuse retrieval --image-emb I.npy --text-emb T.npy --text-to-image M.npy \\
-        [--ks 1,5,10] [--no-normalize] [--map] [--bootstrap N] --json OUT.json
+        [--ks 1,5,10] [--no-normalize] [--map] [--bootstrap N] [--ties expected] [--json OUT.json]
 
-``M.npy`` holds, for each row of ``T.npy``, the row of its image in ``I.npy``. Prints a table and
-writes ``{"image_to_text": {...}, "text_to_image": {...}, "rsum": ...}`` to ``OUT.json``.
+``M.npy`` holds, for each row of ``T.npy``, the row of its image in ``I.npy``. Prints a table (with
+each direction's share of tied queries) and, with ``--json``, writes
+``{"image_to_text": {...}, "text_to_image": {...}, "rsum": ..., "ties": ...}`` to ``OUT.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 NAME = "retrieval"
@@ -45,7 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="caption rows per score block; None: as many as fit --memory-mib")
     parser.add_argument("--memory-mib", type=float, default=256.0, help="memory budget of one score block")
-    parser.add_argument("--json", required=True, metavar="OUT.json", help="write the metrics here")
+    parser.add_argument("--ties", choices=("expected", "pessimistic", "optimistic"), default="expected",
+                        help="how a true item tied with others is ranked: expected (random tie-break, the "
+                             "default: a collapsed model scores chance), pessimistic (last) or optimistic "
+                             "(first, the gameable old convention)")
+    parser.add_argument("--degenerate", choices=("error", "tie"), default="error",
+                        help="zero-norm rows: stop with an error naming the row (default) or score them as ties")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="precision of the first-pass GEMM (ranks are exact float64 ones either way; "
+                             "auto: bf16 where it is faster)")
+    parser.add_argument("--json", default=None, metavar="OUT.json",
+                        help="also write the metrics as JSON here (default: only print them)")
 
 
 def _load(path: str, flag: str):
@@ -64,6 +74,9 @@ def format_table(metrics: dict, ks: tuple[int, ...]) -> str:
     """A small text table of the two directions (with CI rows after a bootstrap) plus rsum."""
     keys = [f"R@{k}" for k in ks] + ["median_rank", "mean_rank"]
     heads = [f"R@{k}" for k in ks] + ["medR", "meanR"]
+    if "tied_fraction" in metrics["image_to_text"]:
+        keys.append("tied_fraction")
+        heads.append("tied")
     if "mAP" in metrics["image_to_text"]:
         keys.append("mAP")
         heads.append("mAP")
@@ -75,9 +88,10 @@ def format_table(metrics: dict, ks: tuple[int, ...]) -> str:
         lines.append(f"{name:<15}" + "".join(f"{m[k]:>{w}.2f}" for k in keys))
         if with_ci:
             label = f"  {metrics['ci']:.0%} CI"
-            lines.append(f"{label:<15}" + "".join(f"{m[k + '_ci_low']:.1f}-{m[k + '_ci_high']:.1f}".rjust(w)
-                                                 for k in keys))
-    rsum = f"rsum {metrics['rsum']:.2f}"
+            lines.append(f"{label:<15}" + "".join(
+                (f"{m[k + '_ci_low']:.1f}-{m[k + '_ci_high']:.1f}" if k + "_ci_low" in m else "").rjust(w)
+                for k in keys))
+    rsum = f"rsum {metrics['rsum']:.2f}" + (f"  (ties: {metrics['ties']})" if "ties" in metrics else "")
     if with_ci:
         rsum += f"  ({metrics['ci']:.0%} CI {metrics['rsum_ci_low']:.2f}-{metrics['rsum_ci_high']:.2f})"
     lines.append(rsum)
@@ -99,18 +113,21 @@ def run(args: argparse.Namespace) -> int:
     from experiments.retrieval import retrieval_metrics
 
     names = (f"--image-emb {args.image_emb}", f"--text-emb {args.text_emb}", f"--text-to-image {args.text_to_image}")
+    out = None
+    if args.json is not None:
+        out = Path(args.json)
+        if not out.parent.exists():
+            raise FileNotFoundError(f"--json {args.json}: directory {out.parent} does not exist")
     metrics = retrieval_metrics(
         image_emb, text_emb, text_to_image, args.ks, normalize=args.normalize, with_map=args.with_map,
+        ties=args.ties, degenerate=args.degenerate, precision=args.precision,
         bootstrap=args.bootstrap, ci=args.ci, seed=args.seed, chunk_size=args.chunk_size,
         memory_budget=int(args.memory_mib * 2**20), input_names=names,
     )
-    out = Path(args.json)
-    if out.parent and not out.parent.exists():
-        raise FileNotFoundError(f"--json {args.json}: directory {out.parent} does not exist")
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(tmp, out)
     print(format_table(metrics, args.ks))
-    print(f"wrote {out}")
+    if out is not None:
+        from align.weights import write_file_atomically
+
+        write_file_atomically(out, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
+        print(f"wrote {out}")
     return 0

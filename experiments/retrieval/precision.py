@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 
 import numpy as np
@@ -72,20 +73,20 @@ def cpu_bf16_is_faster() -> bool:
         log.debug("retrieval: no AMX/AVX-512 bf16 on this CPU; scoring in float32")
         return False
     a32, b32 = torch.randn(2048, 512), torch.randn(8192, 512)
-    a16, b16 = a32.bfloat16(), b32.bfloat16()
-
-    def best(a, b) -> float:
-        torch.mm(a, b.T)
-        t = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            torch.mm(a, b.T)
-            t.append(time.perf_counter() - t0)
-        return min(t)
-
-    t32, t16 = best(a32, b32), best(a16, b16)
+    t32, t16 = _best_time(a32, b32), _best_time(a32.bfloat16(), b32.bfloat16())
     log.info("retrieval: bf16 GEMM %.1fx the speed of float32 on this CPU", t32 / t16)
     return t32 / t16 >= BF16_MIN_SPEEDUP
+
+
+def _best_time(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> float:
+    """Best wall time of ``a @ b.T`` over ``repeats`` runs after one warm-up."""
+    torch.mm(a, b.T)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b.T)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def choose_precision(precision: str, device: torch.device) -> str:

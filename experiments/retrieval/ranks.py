@@ -207,7 +207,7 @@ def retrieval_ranks(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     check_option(ties, TIE_MODES, "ties")
     check_option(degenerate, DEGENERATE_MODES, "degenerate")
-    g = validate_retrieval_inputs(image_emb, text_emb, text_to_image, names=input_names)
+    g = np.array(validate_retrieval_inputs(image_emb, text_emb, text_to_image, names=input_names))  # writable
     dev = resolve_device(device, image_emb, text_emb)
     prec = choose_precision(precision, dev)
     Ir = Rows(image_emb, input_names[0], normalize, degenerate)

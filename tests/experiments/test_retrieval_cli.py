@@ -68,6 +68,8 @@ def test_cli_options(files, tmp_path, capsys):
     (lambda p, d: np.save(p["I"], np.where(np.arange(40)[:, None] == 6, np.nan, d[0])),
      r"--image-emb .*I.npy has non-finite values \(NaN or Inf\), first in row 6"),
     (lambda p, d: np.save(p["T"], d[1][:, :8]), "--image-emb .*I.npy has dim 16 but --text-emb .*T.npy has dim 8"),
+    (lambda p, d: np.save(p["T"], np.where(np.arange(200)[:, None] == 9, 0.0, d[1])),
+     r"--text-emb .*T.npy has zero-norm rows .* first in row 9 \(1 of 200\)"),
 ])
 def test_cli_errors_exit_2_with_one_line(files, tmp_path, capsys, corrupt, message):
     paths, data = files
@@ -77,6 +79,47 @@ def test_cli_errors_exit_2_with_one_line(files, tmp_path, capsys, corrupt, messa
     assert err.startswith("alignfuse retrieval: error: ") and "\n" not in err
     assert re.search(message, err), err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_cli_without_json_prints_the_metrics(files, tmp_path, capsys, monkeypatch):
+    paths, (I, T, g) = files
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in _args(paths, "unused") if a not in ("--json", "unused")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    ref = retrieval_metrics(I, T, g)
+    assert f"{ref['text_to_image']['R@1']:.2f}" in printed and f"rsum {ref['rsum']:.2f}" in printed
+    assert "tied" in printed and "ties: expected" in printed and "wrote" not in printed
+    assert list(tmp_path.iterdir()) == [] or all(p.suffix == ".npy" for p in tmp_path.iterdir())
+
+
+def test_cli_ties_and_degenerate(files, tmp_path, capsys):
+    paths, (I, T, g) = files
+    collapsed = np.ones_like(I)
+    np.save(paths["I"], collapsed)
+    out = tmp_path / "o.json"
+    assert main(_args(paths, out)) == 0
+    expected = json.loads(out.read_text())
+    assert expected["ties"] == "expected" and expected["text_to_image"]["R@1"] == pytest.approx(100 / 40)
+    assert expected["text_to_image"]["tied_fraction"] == 1.0
+    assert main(_args(paths, out, "--ties", "optimistic")) == 0
+    assert json.loads(out.read_text())["text_to_image"]["R@1"] == 100.0
+    assert main(_args(paths, out, "--ties", "pessimistic")) == 0
+    assert json.loads(out.read_text())["text_to_image"]["R@1"] == 0.0
+    np.save(paths["I"], np.zeros_like(I))
+    assert main(_args(paths, out)) == 2
+    assert "zero-norm rows" in capsys.readouterr().err
+    assert main(_args(paths, out, "--degenerate", "tie", "--precision", "fp32")) == 0
+    assert json.loads(out.read_text())["text_to_image"]["R@1"] == pytest.approx(100 / 40)
+    with pytest.raises(SystemExit):
+        main(_args(paths, out, "--ties", "random"))
+
+
+def test_cli_help_has_no_required_json(capsys):
+    with pytest.raises(SystemExit):
+        main(["retrieval", "--help"])
+    text = capsys.readouterr().out
+    assert "--json OUT.json" in text and "--ties" in text
 
 
 def test_cli_bad_flag_values(files, tmp_path, capsys):
