@@ -103,6 +103,7 @@ def test_auto_precision_detects_the_hardware(monkeypatch):
         assert P.cpu_bf16_is_faster() is faster
         assert P.choose_precision("auto", torch.device("cpu")) == ("bf16" if faster else "fp32")
     P.cpu_bf16_is_faster.cache_clear()
+    monkeypatch.undo()
     assert P._best_time(torch.ones(4, 3), torch.ones(5, 3), repeats=1) >= 0
     assert P.choose_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError, match="precision must be one of 'auto', 'bf16', 'fp32'"):
