@@ -42,7 +42,7 @@ def _recomputed(cache: FeatureCache, split: str, expected: dict, caplog) -> None
         calls.append(1)
         return expected
 
-    with caplog.at_level(logging.WARNING, logger="experiments.features"):
+    with caplog.at_level(logging.WARNING, logger="experiments.feature_cache"):
         out = cache.get_or_compute("enc", "fp", split, compute, kinds=["pooled", "grid"])
     assert calls == [1], "a damaged entry was used instead of recomputed"
     assert "damaged" in caplog.text

@@ -1,4 +1,4 @@
-"""Frozen encoders and the feature cache (experiments/features.py)."""
+"""Frozen encoders and the feature cache (experiments/features.py, encoders.py, encoders_open_clip.py, feature_cache.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -227,7 +227,7 @@ def test_open_clip_towers_match_the_clip_model(caplog):
     import open_clip
     from PIL import Image
 
-    with caplog.at_level(logging.WARNING, logger="experiments.features"):
+    with caplog.at_level(logging.WARNING, logger="experiments.encoders_open_clip"):
         image_enc = OpenClipImageEncoder(TINY_CLIP, pretrained=None, seed=3)
     assert "random" in caplog.text
     text_enc = build_encoder("open_clip_text", model_name=TINY_CLIP, seed=3)
