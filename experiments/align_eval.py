@@ -88,8 +88,8 @@ def zero_shot(model: Any, views: Any) -> dict[str, Any]:
     return zero_shot_eval(model, x, labels, ce, torch.from_numpy(seen))
 
 
-def trained_params(model: Any) -> int:
-    """Trainable parameter count of an ``nn.Module``; for closed-form models, the size of the learned ``*weights_``."""
+def trained_params(model: Any, n_trainable: int) -> int:
+    """``n_trainable`` (the Trainer's count) for gradient models; for closed-form ones, the learned ``*weights_``."""
     if isinstance(model, torch.nn.Module):
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return int(n_trainable)
     return int(sum(np.asarray(v).size for k, v in vars(model).items() if k.endswith("weights_")))

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -220,19 +219,6 @@ class LossModule(nn.Module):
         return self.model.loss(batch)
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
-    """LR multiplier for the 0-based optimiser step ``step``: linear warm-up then cosine decay.
-
-    ``(step + 1) / warmup_steps`` during the first ``warmup_steps`` steps (no step at lr 0);
-    then ``min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2`` with
-    ``p = (step - warmup_steps) / (total_steps - warmup_steps)``, clamped to [0, 1].
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups over the trainable parameters: ``decay`` and ``no_decay``.
 
@@ -399,10 +385,20 @@ class Trainer:
 
     def configure_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int
                             ) -> torch.optim.lr_scheduler.LRScheduler:
-        """Warm-up + cosine (:func:`warmup_cosine`) as a ``LambdaLR`` stepped once per optimiser step."""
+        """Linear warm-up then cosine decay, torch's own schedulers, stepped once per optimiser step.
+
+        Step ``s`` (0-based) runs at ``lr * (s + 1) / warmup_steps`` during warm-up (``LinearLR``; no step at lr 0),
+        then ``CosineAnnealingLR`` from ``lr`` down to ``min_lr_ratio * lr`` at ``total_steps``.
+        """
+        from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
         cfg = self.config
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+        warmup = min(cfg.warmup_steps, total_steps)
+        cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup), eta_min=cfg.min_lr_ratio * cfg.lr)
+        if warmup == 0:
+            return cosine
+        ramp = LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+        return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
     # ------------------------------------------------------------------ entry point
 
@@ -726,9 +722,9 @@ class Trainer:
             return []
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         records = [r for r in records if r["step"] <= step]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, path)
+        from align.weights import write_file_atomically
+
+        write_file_atomically(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
         return records
 
     @staticmethod

@@ -117,7 +117,7 @@ def run_unit(name: str, section: dict | None, cfg: Config, views: Any, seed: int
     if hasattr(model, "save") and not isinstance(model, torch.nn.Module):
         model.save(unit_dir / "model.npz")
     metrics = evaluate_aligner(model, cls.inputs, views, unit_dir / "embeddings" if save_embeddings else None)
-    metrics.update(train_seconds=result.train_seconds, params_trained=trained_params(model), steps=result.steps)
+    metrics.update(train_seconds=result.train_seconds, params_trained=trained_params(model, result.n_trainable), steps=result.steps)
     return metrics
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from experiments.trainer import DictDataset, TrainConfig, Trainer, param_groups, warmup_cosine
+from experiments.trainer import DictDataset, TrainConfig, Trainer, param_groups
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -70,6 +70,14 @@ def test_param_groups_no_decay_rule():
     assert len(param_groups(nn.Linear(2, 2).requires_grad_(False), 0.1)) == 0
 
 
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """The intended schedule, written out: (s + 1) / warmup during warm-up, then cosine to min_lr_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 def test_warmup_cosine_values():
     f = lambda s: warmup_cosine(s, warmup_steps=4, total_steps=20, min_lr_ratio=0.1)  # noqa: E731
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -79,10 +87,11 @@ def test_warmup_cosine_values():
     assert warmup_cosine(0, 0, 10) == 1.0 and warmup_cosine(10, 0, 10) == pytest.approx(0.0)
 
 
-def test_logged_lr_follows_the_schedule():
-    res = Trainer(_cfg(max_steps=10, warmup_steps=3, min_lr_ratio=0.2)).fit(LinReg(), _linear_data())
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_logged_lr_follows_the_schedule(warmup):
+    res = Trainer(_cfg(max_steps=10, warmup_steps=warmup, min_lr_ratio=0.2)).fit(LinReg(), _linear_data())
     lrs = [r["lr"] for r in res.history if r["kind"] == "train"]
-    expected = [0.1 * warmup_cosine(s, 3, 10, 0.2) for s in range(10)]  # step s+1 runs at factor(s)
+    expected = [0.1 * warmup_cosine(s, warmup, 10, 0.2) for s in range(10)]  # step s+1 runs at factor(s)
     assert lrs == pytest.approx(expected)
 
 
