@@ -10,8 +10,9 @@ A :class:`RunSource` holds, for one run (an ``alignfuse demo`` output or an alig
 * the trained LLM bridge when the run has one (:func:`load_trained_bridge`).
 
 Whatever a run lacks (no checkpoint: an older version; no bridge) is recorded as a reason that the
-page shows, never as an exception at request time. The only files read are inside the run
-directory and the toolkit's caches.
+page shows, never as an exception at request time. Files read: the run directory (paths built from
+names are checked to stay inside it), the toolkit's caches and the data the run's config names;
+never a path that comes from a request.
 """
 from __future__ import annotations
 
@@ -146,9 +147,6 @@ class RunSource:
         self.data = self.results.get("data")
         if not isinstance(self.data, dict) or "name" not in self.data:
             raise ValueError(f"{align_dir / 'results.json'}: no data section (a run from an older version?)")
-        if self.data.get("view", "image_text") != "image_text":
-            raise ValueError(f"{align_dir / 'results.json'}: data.view {self.data.get('view')!r} has no "
-                             "images and captions to show")
         self.gallery = self._load_gallery()
         self.problems: dict[str, str] = {}  # aligner → why it is not shown at all
         self.image_emb: dict[str, np.ndarray] = {}
@@ -180,38 +178,43 @@ class RunSource:
 
     # ----------------------------------------------------------------- loading
 
-    def _load_gallery(self) -> Gallery:
-        d = self.data
-        n_eval = d.get("max_eval_images")
-        if d["name"] == "shapesworld":
-            from experiments.data import load_shapesworld
+    def _run_sections(self) -> tuple[Any, Any, Path]:
+        """(data section, encoders section, cache root) of the run: its ``config.json``, or, for runs made before
+        configs were saved, the data section in ``results.json`` with the default encoders."""
+        from experiments.config import DataSection
+        from experiments.views import EncodersSection
 
-            ds = load_shapesworld(n_scenes=d["n_scenes"], image_size=d["image_size"], seed=d["seed"],
-                                  holdout=[tuple(h) for h in d.get("holdout", [])])
-            images = ds.images
-        elif d["name"] == "digits":
-            from experiments.data import load_digits
-
-            ds = load_digits(image_size=d["image_size"], seed=d["seed"],
-                             holdout_digits=tuple(int(h) for h in d.get("holdout", [])))
-            images = ds.images_rgb
+        if (self.align_dir / "config.json").is_file():
+            cfg = _read_json(self.run_dir, self.align_dir / "config.json")
+            data, encoders, cache_dir = cfg.get("data") or self.data, cfg.get("encoders") or {}, cfg.get("cache_dir")
         else:
-            raise ValueError(f"data.name {d['name']!r}: serve shows shapesworld and digits runs")
-        idx = np.asarray(ds.splits["test"])
-        if n_eval is not None:
-            idx = idx[:n_eval]
-        captions = [c for i in idx for c in ds.captions[i]]
-        owner = np.repeat(np.arange(len(idx)), [len(ds.captions[i]) for i in idx])
-        hard = []
-        for i in idx:
-            srcs = getattr(ds, "hard_negative_sources", None)
-            if srcs is None:
-                hard.append([])
-                continue
-            kinds = getattr(ds, "hard_negative_kinds", None)
-            hard.append([(s, n, kinds[i][k] if kinds else "edit")
-                         for k, (s, n) in enumerate(zip(srcs[i], ds.hard_negatives[i]))])
-        return Gallery(np.ascontiguousarray(images[idx]), captions, owner, hard)
+            data, encoders, cache_dir = self.data, {}, None
+        from align.weights import cache_root
+
+        data = {k: v for k, v in data.items() if k != "inputs"}
+        return DataSection(**data), EncodersSection(**encoders), Path(cache_dir) if cache_dir else cache_root()
+
+    def _load_gallery(self) -> Gallery:
+        """The run's test images and captions, through the same data layer (``experiments.views``) the run used."""
+        from experiments.views import pair_views
+
+        section, self.encoders, cache = self._run_sections()
+        views = pair_views(section, self.encoders, cache)
+        if views.src.images is None:
+            raise ValueError(f"{self.align_dir}: data {section.name!r} (view {self.data.get('view', 'image_text')!r}) "
+                             "has no images and captions to show")
+        idx = views.split_index("test")
+        captions, owner = views.captions("test")
+        hard: list[list[tuple[str, str, str]]] = [[] for _ in idx]
+        hn = views.hard_negatives("test")
+        if hn is not None:
+            kinds = getattr(views.src.dataset, "hard_negative_kinds", None)
+            seen = np.zeros(len(idx), dtype=int)
+            for src_text, neg, row in zip(*hn):
+                kind = kinds[idx[row]][seen[row]] if kinds is not None else "edit"
+                seen[row] += 1
+                hard[row].append((src_text, neg, kind))
+        return Gallery(np.ascontiguousarray(views.src.images[idx]), captions, owner, hard)
 
     def _load_embeddings(self) -> None:
         root = self.align_dir / "embeddings"
@@ -238,15 +241,17 @@ class RunSource:
 
     @cached_property
     def text_encoder(self):
+        """The run's frozen text encoder (``encoders.text`` of its config)."""
         from experiments.features import build_encoder
 
-        return build_encoder("minilm")
+        return build_encoder(self.encoders.text, **self.encoders.text_options)
 
     @cached_property
     def image_encoder(self):
+        """The run's frozen image encoder (``encoders.image`` of its config)."""
         from experiments.features import build_encoder
 
-        return build_encoder("mobilenet_v2")
+        return build_encoder(self.encoders.image, **self.encoders.image_options)
 
     @cached_property
     def graph_builder(self):

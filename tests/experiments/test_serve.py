@@ -1,8 +1,8 @@
 """``alignfuse serve``: every action over HTTP against a server on 127.0.0.1, bad input, path traversal,
 and one real headless Chromium (Debian's) driving the page through Selenium.
 
-The run directory is tiny: 80 ShapesWorld scenes at 64 px, 8 test images, CCA fitted on the frozen
-MobileNetV2 / MiniLM features plus a fixed random projection as a second aligner.
+The run directory is tiny and made by the align runner: 80 ShapesWorld scenes at 64 px, 8 test images,
+CCA fitted on the frozen MobileNetV2 / MiniLM features and CLIP heads trained for 3 steps.
 """
 from __future__ import annotations
 
@@ -23,25 +23,9 @@ httpx = pytest.importorskip("httpx")
 from experiments.serve import actions  # noqa: E402
 from experiments.serve.source import RunSource, Unavailable  # noqa: E402
 
-DATA = {"name": "shapesworld", "view": "image_text", "n_scenes": 80, "image_size": 64, "seed": 7,
-        "holdout": [], "max_eval_images": 8}
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore:.*(no_silent_downcasting|copy keyword).*")
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
-class RandomAligner:
-    """Two fixed random projections: image [N, 1280] → [N, 8], text [N, 384] → [N, 8]."""
-
-    inputs = {"image": "vector", "text": "vector"}
-    modalities = ("image", "text")
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.w = {"image": torch.randn(1280, 8, generator=g), "text": torch.randn(384, 8, generator=g)}
-
-    def encode(self, modality, x):
-        return torch.as_tensor(x, dtype=torch.float32) @ self.w[modality]
 
 
 class EchoLM:
@@ -58,35 +42,27 @@ class EchoLM:
         return [f"a picture of mean {float(np.mean(images)):.1f}"]
 
 
-def make_run(root: Path) -> tuple[Path, dict]:
-    """Write a run dir (results.json + embeddings/{cca,random}) the way the align runner does; returns it and
-    the trained aligners."""
-    from align.base import encode_in_batches
-    from align.cca import CCA
-    from experiments.data import load_shapesworld
-    from experiments.features import build_encoder
+def make_run(root: Path) -> Path:
+    """A finished align run (config.json, results.json, embeddings/, units/ with the trained models) of CCA and CLIP
+    heads on 80 ShapesWorld scenes, made by the align runner itself."""
+    from experiments.runners import align as runner
 
-    ds = load_shapesworld(n_scenes=DATA["n_scenes"], image_size=DATA["image_size"], seed=DATA["seed"])
-    pooled = build_encoder("mobilenet_v2").encode(ds.images, kinds=("pooled",))["pooled"]
-    txt_enc = build_encoder("minilm")
+    cfg = runner.load({
+        "experiment": "align",
+        "data": {"name": "shapesworld", "n_scenes": 80, "image_size": 64, "seed": 7, "max_eval_images": 8},
+        "seeds": [0],
+        "aligners": {"cca": {"n_components": 6, "reg": 0.1}, "clip": {"embed_dim": 16}},
+        "train": {"max_steps": 3, "batch_size": 32, "progress": False},
+        "out_dir": str(root / "run"),
+    })
+    runner.run(cfg)
+    return root / "run"
 
-    def split(name, n=None):
-        idx = np.asarray(ds.splits[name])[:n]
-        owner = np.repeat(np.arange(len(idx)), [len(ds.captions[i]) for i in idx])
-        return idx, txt_enc.encode([c for i in idx for c in ds.captions[i]])["pooled"], owner
 
-    tr_idx, tr_txt, tr_owner = split("train")
-    te_idx, te_txt, te_owner = split("test", DATA["max_eval_images"])
-    aligners = {"cca": CCA(n_components=6, reg=0.1).fit(pooled[tr_idx][tr_owner], tr_txt), "random": RandomAligner()}
-    run = root / "run"
-    for name, model in aligners.items():
-        d = run / "embeddings" / name
-        d.mkdir(parents=True)
-        np.save(d / "image_emb.npy", encode_in_batches(model, "image", torch.from_numpy(pooled[te_idx])).numpy())
-        np.save(d / "text_emb.npy", encode_in_batches(model, "text", torch.from_numpy(te_txt)).numpy())
-        np.save(d / "text_to_image.npy", te_owner)
-    (run / "results.json").write_text(json.dumps({"data": DATA, "aligners": {n: {} for n in aligners}}))
-    return run, aligners
+def old_copy(run: Path, dst: Path) -> Path:
+    """The run as a version without saved configs and checkpoints left it: results.json and embeddings only."""
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("units", "config.json"))
+    return dst
 
 
 def free_port() -> int:
@@ -156,10 +132,9 @@ def uploads(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(run_dir, uploads):
-    run, aligners = run_dir
     lm = EchoLM()
-    src = RunSource(run, aligners=aligners, bridge_loader=lambda d: lm)
-    src.bridge_dir = run  # a bridge run of its own is what the real loader needs; EchoLM needs nothing
+    src = RunSource(run_dir, bridge_loader=lambda d: lm)
+    src.bridge_dir = run_dir  # a bridge run of its own is what the real loader needs; EchoLM needs nothing
     srv = Server(src, uploads)
     srv.lm = lm
     yield srv
@@ -167,16 +142,12 @@ def server(run_dir, uploads):
 
 
 @pytest.fixture(scope="module")
-def old_server(run_dir, uploads):
-    """The same run as a version without checkpoints sees it: saved embeddings only, no bridge."""
-    src = RunSource(run_dir[0], aligner_loader=_no_checkpoint)
+def old_server(run_dir, uploads, tmp_path_factory):
+    """A run from a version without saved configs and checkpoints: saved embeddings only, no bridge."""
+    src = RunSource(old_copy(run_dir, tmp_path_factory.mktemp("old") / "run"))
     srv = Server(src, uploads)
     yield srv
     srv.close()
-
-
-def _no_checkpoint(run_dir, name):
-    raise Unavailable(f"{name}: the run has no usable checkpoint (made by an older version?)")
 
 
 def _png(path: Path, image: np.ndarray) -> Path:
@@ -191,11 +162,12 @@ def _png(path: Path, image: np.ndarray) -> Path:
 
 def test_text_query_live_matches_saved_embeddings(server):
     src = server.src
+    assert src.live("cca") and src.live("clip")  # rebuilt from the run's units by experiments.runs.load_aligner
     query = src.gallery.captions[7]
     html, result = server.call("text_to_images", query, 3)
     owner = int(src.gallery.caption_owner[7])
     assert result["is_test_caption"] and result["true_images"] == [owner]
-    for name in ("cca", "random"):
+    for name in ("cca", "clip"):
         hits = result["aligners"][name]["hits"]
         assert len(hits) == 3 and result["aligners"][name]["note"] is None
         # encoded live (MiniLM + the aligner's text side) = the run's saved embedding of that caption
@@ -245,7 +217,7 @@ def test_uploaded_image_is_encoded_live(server, tmp_path):
     html, result = server.call("image_to_captions", 0, upload, 5)
     assert result["image"] == "upload" and result["row"] is None
     gallery = server.call("image_to_captions", 2, None, 5)[1]
-    for name in ("cca", "random"):  # the same pixels through MobileNetV2 + the image side = the saved embedding
+    for name in ("cca", "clip"):  # the same pixels through MobileNetV2 + the image side = the saved embedding
         assert [h["caption"] for h in result["aligners"][name]["hits"]] == \
                [h["caption"] for h in gallery["aligners"][name]["hits"]]
         assert [h["score"] for h in result["aligners"][name]["hits"]] == \
@@ -281,7 +253,7 @@ def test_bad_uploads_give_a_message_and_the_next_request_works(server, tmp_path)
 def test_no_file_outside_the_run_and_the_cache_is_read(server, run_dir, tmp_path):
     secret = tmp_path / "secret.png"
     _png(secret, np.asarray(server.src.gallery.images[0]))
-    run = run_dir[0]
+    run = run_dir
     for target in ("/etc/passwd", str(secret), str(run / "results.json"), "../../../../etc/passwd",
                    "..%2F..%2F..%2F..%2Fetc%2Fpasswd", f"{server.src.run_dir}/../../../etc/passwd"):
         r = server.http.get(f"/gradio_api/file={target}")
@@ -302,14 +274,14 @@ def test_no_file_outside_the_run_and_the_cache_is_read(server, run_dir, tmp_path
 
 def test_run_names_cannot_escape_the_run_dir(tmp_path, run_dir):
     run = tmp_path / "run"
-    shutil.copytree(run_dir[0], run)
+    old_copy(run_dir, run)
     outside = tmp_path / "outside"
     shutil.copytree(run / "embeddings" / "cca", outside)
     (run / "embeddings" / "link").symlink_to(outside)
     res = json.loads((run / "results.json").read_text())
     res["aligners"] = {"cca": {}, "../../outside": {}, "link": {}}
     (run / "results.json").write_text(json.dumps(res))
-    src = RunSource(run, aligner_loader=_no_checkpoint)
+    src = RunSource(run)
     assert src.names == ["cca"]
     assert "not a valid aligner name" in src.problems["../../outside"]
     assert "outside the run directory" in src.problems["link"]
@@ -333,7 +305,7 @@ def test_binding_probe_scores_caption_and_edit(server):
     a, b = t @ src.image_emb["cca"][3]
     r = result["aligners"]["cca"]
     assert (r["caption"], r["edited"]) == pytest.approx((a, b), abs=2e-3)
-    assert r["prefers_caption"] == (a > b) and "cca" in html and "random" in html
+    assert r["prefers_caption"] == (a > b) and "cca" in html and "clip" in html
     _, result = server.call("binding_probe", 3, caption, "")
     assert "empty" in result["error"]
 
@@ -354,7 +326,7 @@ def test_ask_and_caption_pass_the_image_to_the_bridge(server, tmp_path):
 
 def test_old_run_without_checkpoints_or_bridge_says_why(old_server):
     src = old_server.src
-    assert not any(src.live(n) for n in src.names)
+    assert src.names == ["cca", "clip"] and not any(src.live(n) for n in src.names)
     _, result = old_server.call("text_to_images", "a big purple star", 3)
     assert "type one of the test captions" in result["error"] and "older version" in result["error"]
     _, result = old_server.call("text_to_images", src.gallery.captions[5].upper() + ".", 3)
@@ -375,16 +347,16 @@ def test_not_a_run_dir_fails_with_a_clear_cli_error(tmp_path, capsys, run_dir):
     assert main(["serve", str(tmp_path)]) == 2
     assert "not an align or demo run" in capsys.readouterr().err
     run = tmp_path / "bad"
-    shutil.copytree(run_dir[0], run)
+    old_copy(run_dir, run)
     np.save(run / "embeddings" / "cca" / "image_emb.npy", np.zeros((3, 6), np.float32))
-    np.save(run / "embeddings" / "random" / "text_emb.npy", np.zeros((3, 8), np.float32))
+    np.save(run / "embeddings" / "clip" / "text_emb.npy", np.zeros((3, 16), np.float32))
     assert main(["serve", str(run), "--port", "0"]) == 2
     assert "no aligner has usable test embeddings" in capsys.readouterr().err
-    assert main(["serve", str(run_dir[0]), "--port", "70000"]) == 2
+    assert main(["serve", str(run_dir), "--port", "70000"]) == 2
 
 
 def test_tiled_gallery_keeps_rows_consistent(run_dir):
-    src = RunSource(run_dir[0], aligners=run_dir[1])
+    src = RunSource(run_dir)
     big = src.tiled(50)
     assert len(big.gallery.images) == 50 and big.image_emb["cca"].shape[0] == 50
     result = actions.text_to_images(big, src.gallery.captions[0], 10)
