@@ -361,13 +361,27 @@ class RunSource:
 
         out = copy.copy(self)
         reps = -(-n_images // len(self.gallery.images))
-        rows = np.arange(n_images) % len(self.gallery.images)
         g = self.gallery
-        out.gallery = Gallery(g.images[rows], g.captions, g.caption_owner, g.hard_negatives)
+        out.gallery = Gallery(_TiledImages(g.images, n_images), g.captions, g.caption_owner, g.hard_negatives)
         rng = np.random.default_rng(0)
         out.image_emb = {k: _unit(np.tile(v, (reps, 1))[:n_images] + 1e-3 * rng.standard_normal(
             (n_images, v.shape[1])).astype(np.float32)) for k, v in self.image_emb.items()}
         return out
+
+
+class _TiledImages:
+    """``images`` [n, H, W, 3] repeated to ``length`` rows without copying: row i is ``images[i % n]``."""
+
+    def __init__(self, images: np.ndarray, length: int) -> None:
+        self.images, self.length = images, length
+        self.shape = (length, *images.shape[1:])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        rows = np.arange(self.length)[index]
+        return self.images[rows % len(self.images)]
 
 
 def _input_kind(model: Any, key: str) -> str:
