@@ -3,10 +3,15 @@
 On one synthetic data set (``n_images`` × ``captions_per_image`` captions, ``dim``-d, captions in
 shuffled order, each caption its image plus Gaussian noise so ranks are non-trivial):
 
-1. **speed vs one bare matmul pass**: wall time of :func:`experiments.retrieval.retrieval_metrics`
-   (both directions, default metrics, validation and normalisation included) over the wall time
-   of ``torch.mm(T_chunk, I.T)`` over the same blocks; the pass is timed before and after the
-   evaluator and the mean is used, which halves the effect of drifting load. Goal: ≤ 1.3×.
+1. **speed vs one bare float32 matmul pass**: wall time of
+   :func:`experiments.retrieval.retrieval_metrics` (both directions, exact float64 ranks with
+   expected ties, default metrics, validation and normalisation included) over the wall time of
+   ``torch.mm(T_chunk, I.T)`` in float32 over the same blocks; the pass is timed before and after
+   the evaluator and the mean is used, which halves the effect of drifting load. Goal: ≤ 0.7×,
+   reachable only where the bf16 filter is faster than float32 (AMX / AVX-512 bf16 CPUs, CUDA):
+   the evaluator's first pass is itself one GEMM, in bf16 there and in float32 elsewhere.
+   **Counting the CLI's start-up**: plus the wall time of ``alignfuse retrieval`` on a tiny data
+   set in a fresh process (interpreter, imports, loading, printing). Goal: ≤ 0.85×.
 2. **speed vs faiss**: ``IndexFlatIP`` top-10 search in both directions (images indexing the
    captions' queries and the other way round). Goal: faiss time ≥ 3× ours.
 3. **peak memory vs open_clip**: ``open_clip_train.train.get_clip_metrics`` builds the full
@@ -28,10 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-HELP = ("exact retrieval evaluator vs one bare matmul pass (goal <= 1.3x), faiss IndexFlatIP top-10 "
-        "(goal >= 3x faster) and open_clip's get_clip_metrics peak memory (goal <= 1/10)")
+HELP = ("exact retrieval evaluator vs one bare float32 matmul pass (goal <= 0.7x, <= 0.85x with the CLI's "
+        "start-up), faiss IndexFlatIP top-10 (goal >= 3x faster) and open_clip's get_clip_metrics peak memory "
+        "(goal <= 1/10)")
 
-GOAL_MATMUL_RATIO = 1.3
+GOAL_MATMUL_RATIO = 0.7
+GOAL_CLI_RATIO = 0.85
 GOAL_FAISS_SPEEDUP = 3.0
 GOAL_MEMORY_RATIO = 0.1
 
@@ -45,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--memory-mib", type=float, default=256.0, help="the evaluator's score-block budget")
     parser.add_argument("--map", dest="with_map", action="store_true", help="also time the evaluator with mAP")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="the evaluator's filter GEMM (auto: bf16 where it is faster than float32)")
     parser.add_argument("--skip-faiss", action="store_true", help="skip the faiss IndexFlatIP timing")
     parser.add_argument("--skip-memory", action="store_true",
                         help="skip the peak-memory probes (the peer needs ~10 GiB at the default size)")
@@ -174,15 +183,32 @@ def _bare_matmul_pass(images, texts, budget: int) -> float:
     """Seconds of ``T[rows] @ I.T`` over the evaluator's blocks, into one reused buffer."""
     import torch
 
-    from experiments.retrieval import _balanced_chunks, rows_for_budget
+    from experiments.retrieval import balanced_chunks, rows_for_budget
 
     I, T = torch.from_numpy(images), torch.from_numpy(texts)
     rows = min(len(texts), rows_for_budget(len(images), budget))
     out = torch.empty(rows, len(images))
     t0 = time.perf_counter()
-    for s, e in _balanced_chunks(len(texts), rows):
+    for s, e in balanced_chunks(len(texts), rows):
         torch.mm(T[s:e], I.T, out=out[: e - s])
     return time.perf_counter() - t0
+
+
+def _cli_startup() -> float:
+    """Seconds of ``alignfuse retrieval`` on 10 images x 20 captions in a fresh process: interpreter
+    start, imports, argument parsing, loading, evaluation and printing, i.e. what the CLI adds."""
+    images, texts, t2i = make_data(10, 2, 8)
+    with tempfile.TemporaryDirectory(prefix="alignfuse_bench_cli_") as tmp:
+        paths = [str(Path(tmp) / f) for f in ("I.npy", "T.npy", "M.npy")]
+        for path, arr in zip(paths, (images, texts, t2i)):
+            np.save(path, arr)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "experiments.cli", "retrieval", "--image-emb", paths[0],
+                               "--text-emb", paths[1], "--text-to-image", paths[2]], capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"alignfuse retrieval failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return seconds
 
 
 def _faiss_flat_both(images, texts, k: int = 10) -> tuple[float, np.ndarray, np.ndarray]:
@@ -217,23 +243,29 @@ def run(args: argparse.Namespace) -> dict:
     print(f"data: {args.n_images} images x {len(texts)} captions, {args.dim}-d "
           f"({time.perf_counter() - t0:.1f}s); torch threads {torch.get_num_threads()}", flush=True)
     fig: dict = {"shape": shape, "goals": {"ours_over_matmul_max": GOAL_MATMUL_RATIO,
+                                          "ours_with_cli_over_matmul_max": GOAL_CLI_RATIO,
                                           "faiss_over_ours_min": GOAL_FAISS_SPEEDUP,
                                           "ours_over_peer_memory_max": GOAL_MEMORY_RATIO}}
 
     bare1 = _bare_matmul_pass(images, texts, budget)
     print(f"bare matmul pass:   {bare1:8.2f} s", flush=True)
     t0 = time.perf_counter()
-    with PeakRSS() as peak:  # retrieval_metrics = these two calls; split to report n_repaired
-        ranks = retrieval_ranks(images, texts, t2i, memory_budget=budget, progress=False)
+    with PeakRSS() as peak:  # retrieval_metrics = these two calls; split to report the filter
+        ranks = retrieval_ranks(images, texts, t2i, memory_budget=budget, precision=args.precision,
+                                progress=False)
         ours = metrics_from_ranks(ranks)
     t_ours = time.perf_counter() - t0
-    print(f"evaluator:          {t_ours:8.2f} s  (peak +{peak.peak_mib:.0f} MiB, "
-          f"{ranks.n_repaired} image columns recomputed)", flush=True)
+    print(f"evaluator:          {t_ours:8.2f} s  (peak +{peak.peak_mib:.0f} MiB, {ranks.precision} filter, "
+          f"{ranks.n_rescored} comparisons re-scored in float64)", flush=True)
     bare2 = _bare_matmul_pass(images, texts, budget)
     print(f"bare matmul pass:   {bare2:8.2f} s", flush=True)
     bare = (bare1 + bare2) / 2
     fig.update(bare_matmul_s=[bare1, bare2], ours_s=t_ours, ours_over_matmul=t_ours / bare,
-               ours_peak_mib_full=peak.peak_mib, metrics=ours, n_repaired=ranks.n_repaired)
+               ours_peak_mib_full=peak.peak_mib, metrics=ours, precision=ranks.precision,
+               n_rescored=ranks.n_rescored)
+    t_cli = _cli_startup()
+    fig.update(cli_startup_s=t_cli, ours_with_cli_over_matmul=(t_ours + t_cli) / bare)
+    print(f"CLI start-up:       {t_cli:8.2f} s  (alignfuse retrieval on 10 images, fresh process)", flush=True)
     if args.with_map:
         t0 = time.perf_counter()
         with_map = retrieval_metrics(images, texts, t2i, memory_budget=budget, with_map=True, progress=False)
@@ -264,8 +296,10 @@ def run(args: argparse.Namespace) -> dict:
 
     print()
     print(f"{'figure':<44}{'measured':>10}{'goal':>10}  ok")
-    rows = [("evaluator / bare matmul pass (wall)", fig["ours_over_matmul"], f"<= {GOAL_MATMUL_RATIO}",
-             fig["ours_over_matmul"] <= GOAL_MATMUL_RATIO)]
+    rows = [("evaluator / bare float32 matmul pass (wall)", fig["ours_over_matmul"], f"<= {GOAL_MATMUL_RATIO}",
+             fig["ours_over_matmul"] <= GOAL_MATMUL_RATIO),
+            ("(evaluator + CLI start-up) / bare matmul", fig["ours_with_cli_over_matmul"], f"<= {GOAL_CLI_RATIO}",
+             fig["ours_with_cli_over_matmul"] <= GOAL_CLI_RATIO)]
     if "ours_map_over_matmul" in fig:
         rows.append(("evaluator with mAP / bare matmul pass", fig["ours_map_over_matmul"], "-", True))
     if "faiss_over_ours" in fig:
