@@ -209,10 +209,15 @@ def _pictures(raw: dict[str, Any], out: Path) -> dict[str, str]:
 
 
 def _load_world(d: dict[str, Any]):
-    from experiments.data import load_shapesworld
+    """The ShapesWorld of a run's data section (its ShapesWorld options; the others are view options)."""
+    import dataclasses
 
-    return load_shapesworld(n_scenes=d["n_scenes"], image_size=d["image_size"], seed=d["seed"],
-                            holdout=[tuple(h) for h in d.get("holdout", [])])
+    from experiments.data import ShapesWorldConfig, load_shapesworld
+
+    fields = {f.name for f in dataclasses.fields(ShapesWorldConfig)}
+    opts = {k: v for k, v in d.items() if k in fields}
+    opts["holdout"] = [tuple(h) for h in opts.get("holdout", [])]
+    return load_shapesworld(**opts)
 
 
 def _retrieval_grid(raw: dict[str, Any], out: Path, n: int = 8) -> str | None:

@@ -93,4 +93,4 @@ def test_demo_passes_overrides_and_part_names_take_their_options_from_one_home()
     assert raw["aligners"]["cca"] == align["aligners"]["cca"]  # options come from the bundled config, not a copy
     assert raw["aligners"]["gnn"]["train"] == {**align["aligners"]["gnn"]["train"], "max_steps": 100,
                                                "batch_size": 128}
-    assert raw["train"]["lr"] == align["train"]["lr"] and raw["train"]["max_steps"] == 150
+    assert raw["train"] == {**align["train"], "max_steps": 150, "warmup_steps": 10}  # only what differs
