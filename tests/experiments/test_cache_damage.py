@@ -207,3 +207,32 @@ def test_dataset_cache_removes_the_temporary_directory_of_a_killed_writer(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == [again.cache_path.name]
     assert "killed writer" in caplog.text
     assert again.images.tobytes() == fresh.images.tobytes()
+
+
+@pytest.mark.parametrize("damage", ["one_block_overwritten", "swapped_with_same_size_file", "same_size_garbage"])
+def test_large_files_are_checked_by_a_sampled_hash(tmp_path, monkeypatch, caplog, damage):
+    """Above FULL_HASH_MAX_BYTES the content check reads 64 blocks of 64 KiB instead of the whole file."""
+    import experiments.data._common as common
+
+    monkeypatch.setattr(common, "FULL_HASH_MAX_BYTES", 1 << 20)
+    cache = FeatureCache(tmp_path)
+    rows = 4096  # 4096 x 512 float32 = 8 MiB per file
+    feats = {"pooled": np.random.default_rng(0).normal(size=(rows, 512)).astype(np.float32)}
+    cache.save("enc", "fp", "train", feats)
+    cache.save("enc", "fp", "test", {"pooled": feats["pooled"][::-1].copy()})
+    common._verified.clear()  # as in a new process
+    path = cache.entry_dir("enc", "fp", "train") / "pooled.npy"
+    if damage == "one_block_overwritten":
+        with open(path, "r+b") as f:  # the first block is always sampled (it also holds the header's row count)
+            f.seek(200)
+            f.write(b"\x00" * 1000)
+    elif damage == "swapped_with_same_size_file":
+        os.replace(cache.entry_dir("enc", "fp", "test") / "pooled.npy", path)
+    else:
+        _garble_same_size(path)
+    reads = []
+    real_sha = common.sha256_file
+    monkeypatch.setattr(common, "sha256_file", lambda p: reads.append(p) or real_sha(p))
+    with caplog.at_level(logging.WARNING, logger="experiments.feature_cache"):
+        assert cache.load("enc", "fp", "train") is None
+    assert "sampled sha256 mismatch" in caplog.text and reads == []  # never read the whole file

@@ -296,7 +296,8 @@ def test_cache_hit_skips_compute_and_loads_memory_mapped(tmp_path):
     grid_file = cache.entry_dir("counting", "fp1", "train") / "grid.npy"
     assert meta["kinds"]["grid"] == {"file": "grid.npy", "shape": [10, 16, 3], "dtype": "float16",
                                      "size": grid_file.stat().st_size,
-                                     "sha256": hashlib.sha256(grid_file.read_bytes()).hexdigest()}
+                                     "sha256": hashlib.sha256(grid_file.read_bytes()).hexdigest(),
+                                     "sampled_sha256": meta["kinds"]["grid"]["sampled_sha256"]}
     assert "created" in meta
 
     # other split, other fingerprint, other kinds: misses
