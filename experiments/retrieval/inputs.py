@@ -6,7 +6,7 @@ array (the CLI passes the file names) and the first bad row.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,14 +180,17 @@ class Rows:
     built from them (:mod:`experiments.retrieval.precision`) go to the scoring device.
     """
 
-    def __init__(self, x: ArrayLike, name: str, normalize: bool, degenerate: str = "error") -> None:
+    def __init__(self, x: ArrayLike, name: str, normalize: bool, degenerate: str = "error",
+                 visit: Callable[[int, np.ndarray], None] | None = None) -> None:
         if isinstance(x, torch.Tensor):
             x = x.detach()
         self.x, self.name, self.n, self.normalize = x, name, _shape(x)[0], normalize
         norms = np.empty(self.n, dtype=np.float64)
-        for s in range(0, self.n, _SCAN_ROWS):
+        for s in range(0, self.n, _SCAN_ROWS):  # one scan: norms, and ``visit(start, exact rows)``
             r = self._raw(slice(s, s + _SCAN_ROWS))
-            norms[s : s + len(r)] = np.sqrt(dot64(r, r))
+            n = norms[s : s + len(r)] = np.sqrt(dot64(r, r))
+            if visit is not None:
+                visit(s, r / np.where(n == 0, 1.0, n)[:, None] if normalize else r)
         zero = np.flatnonzero(norms == 0)
         if len(zero) and degenerate == "error":
             raise ValueError(

@@ -122,21 +122,43 @@ def exact_matmul_settings(device: torch.device):
 
 
 class FilterSide:
-    """The filter copy of one side's rows and the measured terms of the bound: per row ``err``
-    ``|x~ - x|``, ``norm`` ``|x|`` and ``fnorm`` ``|x~|`` (float64 [N])."""
+    """Rows of ``x`` (:class:`~experiments.retrieval.inputs.Rows`: exact, float64) with their filter
+    copy and the measured terms of the bound: per row ``err`` ``|x~ - x|``, ``norm`` ``|x|`` and
+    ``fnorm`` ``|x~|`` (float64 [N]), all from the one scan of the rows, which also calls
+    ``visit(start, exact rows)``."""
 
-    def __init__(self, rows, precision: str, device: torch.device, block: int = 8192) -> None:
-        self.rows, self.precision, self.device = rows, precision, device
-        n = rows.n
+    def __init__(self, x, name: str, normalize: bool, degenerate: str, precision: str, device: torch.device,
+                 visit=None) -> None:
+        from .inputs import Rows, _shape
+
+        self.precision, self.device = precision, device
+        n = _shape(x)[0]
         self.err, self.fnorm, self.norm = np.empty(n), np.empty(n), np.empty(n)
-        for s in range(0, n, block):
-            exact = rows.get(slice(s, s + block))
+
+        def measure(s: int, exact: np.ndarray) -> None:
+            if precision == "fp32":  # rounding to float32 is known well enough: no need to measure
+                if visit is not None:
+                    visit(s, exact)
+                return
             approx = self._round(exact)
             diff = approx - exact
             e = s + len(exact)
             self.err[s:e] = np.sqrt((diff * diff).sum(1))
             self.fnorm[s:e] = np.sqrt((approx * approx).sum(1))
             self.norm[s:e] = np.sqrt((exact * exact).sum(1))
+            if visit is not None:
+                visit(s, exact)
+
+        self.rows = Rows(x, name, normalize, degenerate, visit=measure)
+        if precision == "fp32":
+            # |x| from the float64 norms (normalised rows: 1 up to D + 2 roundings of 2**-53 each);
+            # round-to-nearest float32 moves each element by at most 2**-24 of itself (subnormals:
+            # by 2**-150, inside the bound's constant term), so |x~ - x| <= 2**-24 |x|
+            r = self.rows
+            self.norm = np.where(r.norms == 0, 0.0, 1.0) if normalize else r.norms.copy()
+            self.norm *= 1.0 + 2.0**-40
+            self.err = _U32 * self.norm
+            self.fnorm = (1.0 + _U32) * self.norm
 
     def _round(self, exact: np.ndarray) -> np.ndarray:
         """The filter values of exact rows, back in float64 (exactly representable)."""

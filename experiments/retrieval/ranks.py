@@ -74,14 +74,6 @@ class RetrievalRanks:
     text_to_image_ap: np.ndarray | None = None
 
 
-def true_pair_scores(T: Rows, I: Rows, g: np.ndarray, block: int = 8192) -> np.ndarray:
-    """Float64 score of every (caption, its image) pair [N_text]."""
-    out = np.empty(len(g))
-    for s in range(0, len(g), block):
-        out[s : s + block] = dot64(T.get(slice(s, s + block)), I.get(g[s : s + block]))
-    return out
-
-
 def _slot_thresholds(pair: np.ndarray, caps: np.ndarray, m: int) -> np.ndarray:
     """The ``m`` best true scores of each image, descending: [m, N_img] float64, ``+inf`` padding."""
     vals = np.where(caps >= 0, pair[np.maximum(caps, 0)], -np.inf)
@@ -210,15 +202,20 @@ def retrieval_ranks(
     g = np.array(validate_retrieval_inputs(image_emb, text_emb, text_to_image, names=input_names))  # writable
     dev = resolve_device(device, image_emb, text_emb)
     prec = choose_precision(precision, dev)
-    Ir = Rows(image_emb, input_names[0], normalize, degenerate)
-    Tr = Rows(text_emb, input_names[1], normalize, degenerate)
-    If, Tf = FilterSide(Ir, prec, dev), FilterSide(Tr, prec, dev)
+    If = FilterSide(image_emb, input_names[0], normalize, degenerate, prec, dev)
+    Ir = If.rows
+    pair = np.empty(len(g))  # exact thresholds, text -> image: float64 score of each true pair
+
+    def pair_scores(s: int, exact: np.ndarray) -> None:
+        pair[s : s + len(exact)] = dot64(exact, Ir.get(g[s : s + len(exact)]))
+
+    Tf = FilterSide(text_emb, input_names[1], normalize, degenerate, prec, dev, visit=pair_scores)
+    Tr = Tf.rows
     n_img, n_txt, dim = Ir.n, Tr.n, int(image_emb.shape[1])
     bf16_out = prec == "bf16"  # torch.mm of bf16 returns bf16 (CUDA's out_dtype is not used)
     caps = caption_index(g, n_img)
     m = caps.shape[1] if with_map else 1
 
-    pair = true_pair_scores(Tr, Ir, g)  # exact thresholds, text -> image
     thr = _slot_thresholds(pair, caps, m)  # [m, N_img], image -> text
     lo_t, hi_t = float32_band(pair, score_bounds(Tf, If, dim, bf16_out))
     lo_i, hi_i = float32_band(thr, score_bounds(If, Tf, dim, bf16_out)[None, :])

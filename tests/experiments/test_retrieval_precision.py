@@ -7,7 +7,6 @@ import torch
 
 from experiments.retrieval import precision as P
 from experiments.retrieval import retrieval_metrics, retrieval_ranks
-from experiments.retrieval.inputs import Rows
 
 from test_retrieval import MODES, brute, check_against, exact_scores  # noqa: E402 (tests/experiments is on sys.path)
 
@@ -19,8 +18,9 @@ def test_bound_holds_for_every_pair(precision, dim, normalize):
     scale = 1.0 if normalize else 3.0
     I = rng.standard_normal((50, dim)) * rng.uniform(0.01, scale, (50, 1))
     T = rng.standard_normal((80, dim)) ** 3  # heavy tails: large per-element rounding errors
-    Ir, Tr = Rows(I, "I", normalize), Rows(T, "T", normalize)
-    If, Tf = P.FilterSide(Ir, precision, torch.device("cpu")), P.FilterSide(Tr, precision, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    If = P.FilterSide(I, "I", normalize, "error", precision, cpu)
+    Tf = P.FilterSide(T, "T", normalize, "error", precision, cpu)
     S = torch.mm(Tf.tensor(slice(None)), If.tensor(slice(None)).T).double().numpy()
     exact = exact_scores(I, T, normalize)
     err = np.abs(S - exact)
