@@ -177,7 +177,7 @@ def _shapesworld_tasks(ds: Any, modalities: dict[str, Sequence[str]], kinds: set
         info: dict[str, Any] = {
             "dataset": f"ShapesWorld ({c.n_scenes} scenes, {c.image_size} px, seed {c.seed}, "
                        f"caption_noise {c.caption_noise})",
-            "kind": TASK_KIND[task], "modalities": list(mods),
+            "kind": TASK_KIND[task], "modalities": list(mods), "fingerprint": ds.fingerprint,
             "n": {s: int(len(idx[s])) for s in SPLITS},
             "encoder_latency_ms": {m: encoder_ms[m] for m in mods if m in encoder_ms},
         }
@@ -216,6 +216,7 @@ def _digits_task(ds: Any, mods: Sequence[str]) -> TaskData:
         {k: {m: 1.0 for m in mods} for k in views},
         {"dataset": f"scikit-learn digits ({len(ds)} scans, split seed {ds.config.seed})", "kind": TASK_KIND[
             "digits_halves"], "modalities": list(mods), "n": {s: int(len(idx[s])) for s in SPLITS},
+         "fingerprint": ds.fingerprint,
          "encoder_latency_ms": {}},
     )
 
@@ -243,6 +244,7 @@ def _multiview_task(data: Any, name: str, mods: Sequence[str]) -> TaskData:
     info = {"dataset": f"{name} ({len(data.labels)} samples; views " + ", ".join(f"{m} {shapes[m]}" for m in mods)
                        + ")",
             "kind": "multi-view", "modalities": list(mods), "n": {s: int(len(idx[s])) for s in SPLITS},
+            "fingerprint": data.fingerprint,
             "encoder_latency_ms": {}}
     return TaskData(name, mods, list(data.class_names), labels, views, {k: {m: 1.0 for m in mods} for k in views}, info)
 

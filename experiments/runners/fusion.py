@@ -263,9 +263,10 @@ def _run(cfg: Config) -> dict[str, Any]:
             runs = []
             for seed in cfg.seeds:
                 uname = f"{t}/{entry.report_name}/seed{seed}"
-                key = unit_key(task.info["dataset"], entry.modalities, cfg.strategies[entry.name],
-                               input_kind(strategy_class(entry.name), entry.name, cfg), cfg.train.model_dump(),
-                               cfg.robustness.model_dump(), cfg.encoders.model_dump(), seed)
+                key = unit_key(task.info["dataset"], task.info["fingerprint"], entry.modalities,
+                               cfg.strategies[entry.name], input_kind(strategy_class(entry.name), entry.name, cfg),
+                               cfg.train.model_dump(), cfg.robustness.model_dump(), cfg.encoders.model_dump(),
+                               cfg.latency_samples, seed)
                 r = units.result(uname, key)
                 if r is None:
                     d = units.start(uname, key, {"strategy": entry.name, "options": cfg.strategies[entry.name],
