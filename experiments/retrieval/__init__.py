@@ -48,7 +48,7 @@ from .inputs import (
 )
 from .metrics import TIE_WARNING_FRACTION, RetrievalEvaluator, flatten_metrics, metrics_from_ranks, retrieval_metrics
 from .precision import PRECISIONS, choose_precision, cpu_bf16_is_faster
-from .ranks import RetrievalRanks, retrieval_ranks
+from .ranks import RetrievalRanks, ranks_from_scores, retrieval_ranks
 from .search import (
     FaissRetriever,
     exact_topk,
@@ -62,7 +62,7 @@ _balanced_chunks = balanced_chunks  # the old private name, still used by caller
 
 __all__ = [
     "DEFAULT_KS", "DEFAULT_MEMORY_BUDGET", "DIRECTIONS", "SHORT_NAMES", "TIE_MODES", "DEGENERATE_MODES",
-    "PRECISIONS", "TIE_WARNING_FRACTION", "ArrayLike", "RetrievalRanks", "TieCounts", "retrieval_ranks",
+    "PRECISIONS", "TIE_WARNING_FRACTION", "ArrayLike", "RetrievalRanks", "TieCounts", "retrieval_ranks", "ranks_from_scores",
     "retrieval_metrics", "metrics_from_ranks", "flatten_metrics", "RetrievalEvaluator",
     "validate_retrieval_inputs", "validate_ground_truth", "check_finite", "caption_index", "rows_for_budget",
     "balanced_chunks", "choose_precision", "cpu_bf16_is_faster", "hard_negative_metrics",

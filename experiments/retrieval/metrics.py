@@ -94,7 +94,8 @@ def metrics_from_ranks(
                 log.warning("retrieval %s: %.1f%% of the queries have their true item tied with another "
                             "item (scored %s); a collapsed or degenerate model?", name, 100 * frac, ranks.ties)
     out["rsum"] = float(sum(out[d][f"R@{k}"] for d in DIRECTIONS for k in ks))
-    out["ties"] = ranks.ties
+    if ranks.image_to_text_counts is not None:  # ranks built elsewhere carry their own convention
+        out["ties"] = ranks.ties
 
     if bootstrap:
         rng = np.random.default_rng(seed)

@@ -41,6 +41,7 @@ from .inputs import (
     check_option,
     dot64,
     resolve_device,
+    validate_ground_truth,
     validate_retrieval_inputs,
 )
 from .precision import FilterSide, choose_precision, exact_matmul_settings, float32_band, score_bounds
@@ -285,3 +286,27 @@ def retrieval_ranks(
                           image_to_text_ap=ap, ties=ties, image_to_text_counts=i2t_counts,
                           text_to_image_counts=t2i_counts, precision=prec, n_rescored=n_rescored,
                           text_to_image_ap=t2i_ap)
+
+
+def ranks_from_scores(i2t_scores: ArrayLike, t2i_scores: ArrayLike, text_to_image: ArrayLike,
+                      ties: str = "expected") -> RetrievalRanks:
+    """:class:`RetrievalRanks` (with tie counts) from full score matrices [N_img, N_text] that are not
+    inner products of embeddings (e.g. re-ranked by a cross-encoder): image → text reads the rows of
+    ``i2t_scores`` (an image's rank is that of its best caption), text → image the columns of
+    ``t2i_scores``. Ties are scored as in :func:`retrieval_ranks`; no AP."""
+    check_option(ties, TIE_MODES, "ties")
+    S1 = np.asarray(i2t_scores.detach().cpu() if isinstance(i2t_scores, torch.Tensor) else i2t_scores, np.float64)
+    S2 = np.asarray(t2i_scores.detach().cpu() if isinstance(t2i_scores, torch.Tensor) else t2i_scores, np.float64)
+    if S1.ndim != 2 or S1.shape != S2.shape:
+        raise ValueError(f"i2t_scores {S1.shape} and t2i_scores {S2.shape} must both be [N_images, N_texts]")
+    g = validate_ground_truth(text_to_image, S1.shape[0], S1.shape[1],
+                              names=("i2t_scores", "t2i_scores", "text_to_image"))
+    cols = np.arange(len(g))
+    true = S2[g, cols]
+    t2i = TieCounts(above=(S2 > true).sum(0), tied=(S2 == true).sum(0), true_tied=np.ones(len(g), dtype=np.int64))
+    best = np.full(S1.shape[0], -np.inf)
+    np.maximum.at(best, g, S1[g, cols])
+    i2t = TieCounts(above=(S1 > best[:, None]).sum(1), tied=(S1 == best[:, None]).sum(1),
+                    true_tied=np.bincount(g, weights=S1[g, cols] == best[g], minlength=len(best)).astype(np.int64))
+    return RetrievalRanks(image_to_text=i2t.rank(ties), text_to_image=t2i.rank(ties), ties=ties,
+                          image_to_text_counts=i2t, text_to_image_counts=t2i, precision="given")

@@ -350,7 +350,21 @@ def test_metrics_from_ranks_built_elsewhere():
     assert out["image_to_text"]["median_rank"] == 2
     assert out["text_to_image"]["median_rank"] == 3  # floor(median([1, 1, 6, 11]) = 3.5)
     assert out["text_to_image"]["R@5"] == 50.0 and out["text_to_image"]["R@10"] == 75.0
-    assert "tied_fraction" not in out["text_to_image"]
+    assert "tied_fraction" not in out["text_to_image"] and "ties" not in out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ranks_from_score_matrices_equal_the_evaluator(dup_data, mode):
+    I, T, g = dup_data
+    S = exact_scores(I, T).T  # [N_img, N_text]
+    a = R.ranks_from_scores(S, S, g, ties=mode)
+    b = retrieval_ranks(I, T, g, ties=mode)
+    np.testing.assert_allclose(a.image_to_text, b.image_to_text, rtol=1e-12)
+    np.testing.assert_allclose(a.text_to_image, b.text_to_image, rtol=1e-12)
+    assert flatten_metrics(metrics_from_ranks(a)) == pytest.approx(flatten_metrics(metrics_from_ranks(b)))
+    flat = R.ranks_from_scores(np.zeros((4, 8)), np.zeros((4, 8)), np.repeat(np.arange(4), 2), ties=mode)
+    assert metrics_from_ranks(flat, ks=(1,))["text_to_image"]["R@1"] == pytest.approx(
+        {"expected": 25.0, "pessimistic": 0.0, "optimistic": 100.0}[mode])
 
 
 # ------------------------------------------------------------------------------------------
