@@ -1,8 +1,11 @@
 """Experiment runners: each turns a validated config into results (a dict) and files in its out_dir.
 
-A runner module defines ``Config`` (a dataclass; its ``experiment`` field names the runner) and
-``run(cfg: Config) -> dict``. ``alignfuse run CONFIG.yaml`` picks the runner from the YAML's
-``experiment:`` key.
+A runner module defines ``Config`` (an :class:`experiments.config.RunConfig`; its ``experiment`` field names the
+runner), ``load(raw, where) -> Config`` (validates every key, value and part name before any work),
+``to_dict(cfg)``, ``run(cfg) -> dict`` and ``format_results(results) -> str``. ``alignfuse run CONFIG.yaml`` picks
+the runner from the YAML's ``experiment:`` key. A runner only orchestrates: data (:mod:`experiments.views`,
+:mod:`experiments.tasks`) → parts × seeds as resumable units (:mod:`experiments.units`) → ``Trainer.fit`` →
+evaluator → report (:mod:`experiments.reports`).
 """
 from __future__ import annotations
 
