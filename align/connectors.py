@@ -25,25 +25,31 @@ FFN, both gates initialised to 0) that run before every ``every``-th frozen deco
 ``model.model.layers`` (the hook replaces the layer's input hidden states by the block's
 output), so the LM's module tree and state dict stay untouched and :meth:`detach` restores it
 exactly; the image features are set per forward with ``with connector.conditioned(features):``.
-With the gates at 0 the LM computes exactly what it computed before.
+With the gates at 0 the LM computes exactly what it computed before (:mod:`align.xattn`).
+
+Every connector **keeps its constructor arguments** (``connector.config``: name, dims, options; the
+checkpoint format, :func:`connector_from_config` rebuilds it) and **owns its seeding**
+(``connector.seed(image_to_lm, image_to_shared, features, **options)``, see :mod:`align.seeding`) and
+its export name (``llava_type``: LLaVA's ``mm_projector_type``, ``None`` if LLaVA has no such
+projector). Adding a connector = one class here (or in its own module) + ``@CONNECTORS.register``.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-from typing import Any, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from align.registry import Registry
+from align.seeding import (MLP_MODES, RESAMPLER_BLOCKS, AffineMap, flat_tokens, gelu_shift, identity_attention,
+                           map_r2, ridge, set_linear)
 
 log = logging.getLogger(__name__)
 
 CONNECTORS: Registry = Registry("connector")
-
 
 class Connector:
     """Mixin of every connector (used with ``nn.Module`` subclasses).
@@ -54,8 +60,35 @@ class Connector:
 
     kind: str = "tokens"
     name: str = ""
+    llava_type: str | None = None
     vision_dim: int
     lm_dim: int
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        self = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+        except TypeError:  # copy/pickle call __new__ without arguments, then restore __dict__ (with _config)
+            return self
+        bound.apply_defaults()
+        cfg = {k: v for k, v in bound.arguments.items() if k != "self"}
+        object.__setattr__(self, "_config", {"name": cls.name, **cfg})  # before nn.Module.__init__
+        return self
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (``name``, ``vision_dim``, ``lm_dim``, options): :func:`connector_from_config`."""
+        return dict(self._config)
+
+    def seed(self, image_to_lm: AffineMap, image_to_shared: AffineMap | None = None,
+             features: Tensor | np.ndarray | None = None, **options: Any) -> dict[str, float]:
+        """Initialise from the composed map image features → LLM embeddings (see :mod:`align.seeding`);
+        returns diagnostics. ``features``: a sample of training features ``[B, N, d_v]``."""
+        raise NotImplementedError(f"connector {self.name!r} has no seeding")
+
+    def _check_seed_map(self, m: AffineMap) -> None:
+        if m.in_dim != self.vision_dim or m.out_dim != self.lm_dim:
+            raise ValueError(f"seed map is {m.in_dim} → {m.out_dim}, connector is {self.vision_dim} → {self.lm_dim}")
 
     def num_tokens(self, n_inputs: int) -> int:
         """How many soft tokens the connector emits for ``n_inputs`` feature tokens (0 for xattn)."""
@@ -98,10 +131,18 @@ class LinearProjector(Connector, nn.Linear):
     """LLaVA-1's projector: one ``nn.Linear(d_v, d_lm)`` applied to every feature token: ``[B,N,d_v] → [B,N,d_lm]``."""
 
     name = "linear"
+    llava_type = "linear"
 
     def __init__(self, vision_dim: int, lm_dim: int) -> None:
         nn.Linear.__init__(self, vision_dim, lm_dim)
         self.vision_dim, self.lm_dim = vision_dim, lm_dim
+
+    def seed(self, image_to_lm: AffineMap, image_to_shared: AffineMap | None = None,
+             features: Tensor | np.ndarray | None = None, **options: Any) -> dict[str, float]:
+        """The map itself."""
+        self._check_seed_map(image_to_lm)
+        set_linear(self, image_to_lm)
+        return {}
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(self.check_features(x))
@@ -112,10 +153,28 @@ class MLPProjector(Connector, nn.Sequential):
     """LLaVA-1.5's ``mlp2x_gelu``: ``Sequential(Linear(d_v, d_lm), GELU(), Linear(d_lm, d_lm))`` per token."""
 
     name = "mlp2x_gelu"
+    llava_type = "mlp2x_gelu"
 
     def __init__(self, vision_dim: int, lm_dim: int) -> None:
         nn.Sequential.__init__(self, nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
         self.vision_dim, self.lm_dim = vision_dim, lm_dim
+
+    def seed(self, image_to_lm: AffineMap, image_to_shared: AffineMap | None = None,
+             features: Tensor | np.ndarray | None = None, mlp_mode: str = "shift", **options: Any
+             ) -> dict[str, float]:
+        """``mlp_mode="shift"``: first layer = map + c (GELU's near-linear range), second = identity − c;
+        ``"identity"``: first = map, second = identity (GELU clips the negative half)."""
+        self._check_seed_map(image_to_lm)
+        if mlp_mode not in MLP_MODES:
+            raise ValueError(f"mlp_mode must be one of {MLP_MODES}, got {mlp_mode!r}")
+        shift = 0.0
+        if mlp_mode == "shift":
+            if features is None:
+                raise ValueError("mlp_mode='shift' needs a sample of training features to choose the shift")
+            shift = gelu_shift(image_to_lm(flat_tokens(features)))
+        set_linear(self[0], AffineMap(image_to_lm.weight, image_to_lm.bias + shift))
+        set_linear(self[2], AffineMap(np.eye(self.lm_dim), np.full(self.lm_dim, -shift)))
+        return {"mlp_shift": shift}
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(self.check_features(x))
@@ -183,6 +242,42 @@ class _Resampler(Connector, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.out_proj(self.hidden(x))
 
+    def _pool_blocks(self) -> None:
+        """Start every block as attention pooling: identity values, zero residual outputs."""
+        raise NotImplementedError
+
+    def seed(self, image_to_lm: AffineMap, image_to_shared: AffineMap | None = None,
+             features: Tensor | np.ndarray | None = None, resampler_blocks: str = "pool", **options: Any
+             ) -> dict[str, float]:
+        """The first ``k`` rows of ``in_proj`` = image → shared map; blocks start as attention pooling
+        (``resampler_blocks="pool"``) or stay random; ``out_proj`` fitted (ridge) from the normalised
+        outputs to ``image_to_lm`` of the mean-pooled ``features``."""
+        self._check_seed_map(image_to_lm)
+        if image_to_shared is None or features is None:
+            raise ValueError(f"seeding a {self.name} needs image_to_shared and a sample of features")
+        k = image_to_shared.out_dim
+        if k > self.dim:
+            raise ValueError(f"shared space has {k} dims but the {self.name} is only {self.dim} wide")
+        if resampler_blocks not in RESAMPLER_BLOCKS:
+            raise ValueError(f"resampler_blocks must be one of {RESAMPLER_BLOCKS}, got {resampler_blocks!r}")
+        set_linear(self.in_proj, image_to_shared, rows=slice(0, k))
+        if resampler_blocks == "pool":
+            with torch.no_grad():
+                for layer in self.layers:
+                    layer.ffn[3].weight.zero_()
+                    layer.ffn[3].bias.zero_()
+                self._pool_blocks()
+        x = torch.as_tensor(np.asarray(features) if not isinstance(features, Tensor) else features).float()
+        x = x[:512].to(self.in_proj.weight.device)
+        with torch.no_grad():
+            h = self.hidden(x).double().cpu().numpy()  # [B, M, dim]
+        target = image_to_lm(x.double().mean(1).cpu().numpy())  # [B, d_lm]
+        hx = h.reshape(-1, h.shape[-1])
+        ty = np.repeat(target, h.shape[1], axis=0)
+        out = ridge(hx, ty)
+        set_linear(self.out_proj, out)
+        return {"out_proj_r2": map_r2(out, hx, ty)}
+
 
 @CONNECTORS.register("perceiver")
 class PerceiverResampler(_Resampler):
@@ -199,6 +294,10 @@ class PerceiverResampler(_Resampler):
                  heads: int = 4, ffn_mult: int = 4, max_inputs: int = 256) -> None:
         super().__init__(vision_dim, lm_dim, num_latents, dim, heads, max_inputs)
         self.layers = nn.ModuleList(_PerceiverLayer(dim, heads, ffn_mult) for _ in range(depth))
+
+    def _pool_blocks(self) -> None:
+        for layer in self.layers:
+            identity_attention(layer.attn)
 
     def hidden(self, x: Tensor) -> Tensor:
         x = self.embed_inputs(x)
@@ -245,6 +344,12 @@ class QFormer(_Resampler):
         super().__init__(vision_dim, lm_dim, num_queries, dim, heads, max_inputs)
         self.layers = nn.ModuleList(_QFormerLayer(dim, heads, ffn_mult) for _ in range(depth))
 
+    def _pool_blocks(self) -> None:
+        for layer in self.layers:
+            identity_attention(layer.cross_attn)
+            layer.self_attn.out_proj.weight.zero_()
+            layer.self_attn.out_proj.bias.zero_()
+
     def hidden(self, x: Tensor) -> Tensor:
         x = self.embed_inputs(x)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
@@ -253,140 +358,15 @@ class QFormer(_Resampler):
         return self.norm(q)
 
 
-# ------------------------------------------------------------------------------- gated cross-attention
-
-
-class GatedXAttnBlock(nn.Module):
-    """Flamingo's ``GATED XATTN-DENSE``: ``y += tanh(a_attn) * XAttn(LN(y), LN(x)); y += tanh(a_ffn) * FFN(LN(y))``.
-
-    ``y`` [B, L, d_lm] are the LM's hidden states, ``x`` [B, N, d_v] the image features (keys and
-    values are projected from d_v directly). Both gates start at 0: the block is the identity.
-    """
-
-    def __init__(self, lm_dim: int, vision_dim: int, heads: int = 8, ffn_mult: int = 4) -> None:
-        super().__init__()
-        if lm_dim % heads:
-            raise ValueError(f"GatedXAttnBlock: heads={heads} must divide lm_dim={lm_dim}")
-        self.norm_x = nn.LayerNorm(vision_dim)
-        self.norm_y = nn.LayerNorm(lm_dim)
-        self.attn = nn.MultiheadAttention(lm_dim, heads, kdim=vision_dim, vdim=vision_dim, batch_first=True)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ffn = _ffn(lm_dim, ffn_mult)
-        self.ffn_gate = nn.Parameter(torch.zeros(1))
-
-    def forward(self, y: Tensor, x: Tensor) -> Tensor:
-        kv = self.norm_x(x.to(y.dtype))
-        y = y + torch.tanh(self.attn_gate) * self.attn(self.norm_y(y), kv, kv, need_weights=False)[0]
-        return y + torch.tanh(self.ffn_gate) * self.ffn(y)
-
-
-@CONNECTORS.register("gated_xattn")
-class GatedXAttnConnector(Connector, nn.Module):
-    """Gated cross-attention blocks inserted before every ``every``-th decoder layer of a frozen LM.
-
-    Args:
-        vision_dim, lm_dim: d_v and the LM width.
-        num_lm_layers: depth of the LM (blocks go before layers ``0, every, 2*every, ...``).
-        every: insertion period (Flamingo-3B: every layer; 9B: every 4th; 80B: every 7th).
-        heads, ffn_mult: of each block.
-
-    Use: ``connector.attach(llm)`` once; then ``with connector.conditioned(features): llm(...)``.
-    Outside ``conditioned`` (or with ``None`` features) the hooks do nothing.
-    """
-
-    kind = "xattn"
-    name = "gated_xattn"
-
-    def __init__(self, vision_dim: int, lm_dim: int, num_lm_layers: int, every: int = 4, heads: int = 8,
-                 ffn_mult: int = 4) -> None:
-        nn.Module.__init__(self)
-        if every < 1 or num_lm_layers < 1:
-            raise ValueError(f"gated_xattn needs every >= 1 and num_lm_layers >= 1, got {every}, {num_lm_layers}")
-        self.vision_dim, self.lm_dim = vision_dim, lm_dim
-        self.num_lm_layers, self.every = num_lm_layers, every
-        self.layer_ids = list(range(0, num_lm_layers, every))
-        self.blocks = nn.ModuleList(GatedXAttnBlock(lm_dim, vision_dim, heads, ffn_mult) for _ in self.layer_ids)
-        self._features: Tensor | None = None
-        self._handles: list[RemovableHandle] = []
-
-    def num_tokens(self, n_inputs: int) -> int:
-        return 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Validated features ``[B, N, d_v]`` (what the blocks attend to); the LM consumes them via the hooks."""
-        return self.check_features(x)
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    def attach(self, llm: nn.Module) -> "GatedXAttnConnector":
-        """Install the blocks in front of the LM's decoder layers (forward pre-hooks)."""
-        from align.llm import decoder_layers
-
-        if self._handles:
-            raise RuntimeError("this gated_xattn connector is already attached; call detach() first")
-        layers = decoder_layers(llm)
-        if len(layers) != self.num_lm_layers:
-            raise ValueError(f"gated_xattn was built for {self.num_lm_layers} LM layers, the LM has {len(layers)}")
-        for block, i in zip(self.blocks, self.layer_ids):
-            self._handles.append(layers[i].register_forward_pre_hook(self._make_hook(block), with_kwargs=True))
-        return self
-
-    def detach(self) -> None:
-        """Remove the hooks: the LM is exactly as before :meth:`attach`."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _make_hook(self, block: GatedXAttnBlock):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            x = self._features
-            if x is None:
-                return None
-            if args:
-                return (block(args[0], x), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": block(kwargs["hidden_states"], x)}
-
-        return hook
-
-    @contextlib.contextmanager
-    def conditioned(self, features: Tensor | None) -> Iterator[None]:
-        """Within the block, LM forwards cross-attend to ``features`` [B, N, d_v] (None: unconditioned)."""
-        if features is not None:
-            features = self.check_features(features)
-            if not self._handles:
-                raise RuntimeError("gated_xattn is not attached to an LM; call attach(llm) first")
-        previous, self._features = self._features, features
-        try:
-            yield
-        finally:
-            self._features = previous
-
-    def gates(self) -> Tensor:
-        """``tanh`` of every gate, ``[num_blocks, 2]`` (attention, FFN) — 0 at initialisation."""
-        return torch.tanh(torch.stack([torch.cat([b.attn_gate, b.ffn_gate]) for b in self.blocks]))
-
-
 def connector_config(connector: nn.Module) -> dict[str, Any]:
-    """The constructor arguments of a connector (name, dims and options) as plain types, for checkpoints."""
-    cfg: dict[str, Any] = {"name": connector.name, "vision_dim": connector.vision_dim, "lm_dim": connector.lm_dim}
-    if isinstance(connector, _Resampler):
-        first = connector.layers[0]
-        ffn = first.ffn
-        attn = first.attn if isinstance(first, _PerceiverLayer) else first.cross_attn
-        cfg.update(dim=connector.dim, depth=len(connector.layers), heads=attn.num_heads,
-                   ffn_mult=ffn[1].out_features // connector.dim, max_inputs=connector.max_inputs)
-        cfg["num_latents" if isinstance(connector, PerceiverResampler) else "num_queries"] = connector.num_queries
-    elif isinstance(connector, GatedXAttnConnector):
-        block = connector.blocks[0]
-        cfg.update(num_lm_layers=connector.num_lm_layers, every=connector.every, heads=block.attn.num_heads,
-                   ffn_mult=block.ffn[1].out_features // connector.lm_dim)
-    return cfg
+    """The constructor arguments a connector keeps (``connector.config``), for checkpoints."""
+    return connector.config
 
 
 def connector_from_config(cfg: dict[str, Any]) -> nn.Module:
-    """Inverse of :func:`connector_config` (fresh weights)."""
+    """A fresh connector from :func:`connector_config` output."""
     cfg = dict(cfg)
-    name = cfg.pop("name")
-    return build_connector(name, **cfg)
+    return build_connector(cfg.pop("name"), **cfg)
+
+
+from align.xattn import GatedXAttnBlock, GatedXAttnConnector  # noqa: E402  (registers gated_xattn)

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from align.connectors import LinearProjector, MLPProjector
+from align.connectors import MLPProjector, build_connector
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,9 @@ def _write_json(path: Path, obj: dict[str, Any]) -> Path:
 
 
 def _check_projector(connector: nn.Module) -> str:
-    if isinstance(connector, MLPProjector):
-        return "mlp2x_gelu"
-    if isinstance(connector, LinearProjector):
-        return "linear"
+    kind = getattr(connector, "llava_type", None)
+    if kind:
+        return kind
     raise ValueError(f"only 'linear' and 'mlp2x_gelu' projectors have a LLaVA format, got "
                      f"{getattr(connector, 'name', type(connector).__name__)!r}")
 
@@ -132,7 +131,7 @@ def load_llava_projector(path: str | Path) -> nn.Module:
             kind, d_v, d_lm):
         raise ValueError(f"{file.parent / LLAVA_CONFIG_FILE} says {cfg.get('mm_projector_type')} "
                          f"{cfg.get('mm_hidden_size')} → {cfg.get('hidden_size')}, the weights are {kind} {d_v} → {d_lm}")
-    connector = MLPProjector(d_v, d_lm) if kind == "mlp2x_gelu" else LinearProjector(d_v, d_lm)
+    connector = build_connector(kind, d_v, d_lm)
     connector.load_state_dict(inner, strict=True)
     return connector
 

@@ -176,11 +176,12 @@ def tiny_llm(words: Sequence[str], hidden_size: int = 64, num_layers: int = 4, s
     """``(model, tokenizer)``: a tiny randomly initialised Llama over a word-level vocabulary, frozen.
 
     For tests and smoke runs (``llm=tiny`` in the bridge config): hidden 64, 4 layers, 4 heads
-    (2 key/value heads), intermediate 128; ``words`` plus the punctuation of ``":;,."`` make the vocabulary.
+    (2 key/value heads), intermediate 128; ``words``, the punctuation of ``":;,.?"`` and the words of the prompts
+    (``caption``, ``question``, ``answer``) make the vocabulary.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = tiny_tokenizer([*words, *":;,.", "caption"])
+    tokenizer = tiny_tokenizer([*words, *":;,.?", "caption", "question", "answer"])
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,

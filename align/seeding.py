@@ -223,7 +223,7 @@ def image_to_lm_map(aligner: Any, shared_to_lm: AffineMap, image_modality: str |
 # ------------------------------------------------------------------------------------------ seeding
 
 
-def _set_linear(layer: nn.Linear, m: AffineMap, rows: slice | None = None) -> None:
+def set_linear(layer: nn.Linear, m: AffineMap, rows: slice | None = None) -> None:
     """Write ``m`` (weight [in, out]) into ``layer`` (weight [out, in]); ``rows``: only those outputs."""
     w = torch.as_tensor(m.weight.T, dtype=layer.weight.dtype, device=layer.weight.device)
     b = torch.as_tensor(m.bias, dtype=layer.weight.dtype, device=layer.weight.device)
@@ -239,11 +239,12 @@ def _set_linear(layer: nn.Linear, m: AffineMap, rows: slice | None = None) -> No
             layer.bias[rows].copy_(b)
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = DEFAULT_ALPHAS) -> AffineMap:
+def ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = DEFAULT_ALPHAS) -> AffineMap:
+    """:func:`fit_map` with ``method="lstsq"``."""
     return fit_map(x, y, "lstsq", alphas)
 
 
-def _flat_tokens(features: Tensor | np.ndarray, max_rows: int = 8192, seed: int = 0) -> np.ndarray:
+def flat_tokens(features: Tensor | np.ndarray, max_rows: int = 8192, seed: int = 0) -> np.ndarray:
     """Feature tokens ``[B, N, d]`` → a row sample ``[<=max_rows, d]`` float64."""
     x = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
     x = x.reshape(-1, x.shape[-1]).astype(np.float64)
@@ -252,7 +253,12 @@ def _flat_tokens(features: Tensor | np.ndarray, max_rows: int = 8192, seed: int 
     return x
 
 
-def _identity_attention(attn: nn.MultiheadAttention, values: bool = True) -> None:
+def gelu_shift(pre_activations: np.ndarray) -> float:
+    """The shift ``c >= 0`` that puts >= 99.9 % of ``pre_activations + c`` in GELU's near-linear range."""
+    return float(max(0.0, _GELU_LINEAR_FROM - np.quantile(pre_activations, 0.001)))
+
+
+def identity_attention(attn: nn.MultiheadAttention, values: bool = True) -> None:
     """Value and output projections of a same-width attention = identity (biases 0)."""
     d = attn.embed_dim
     with torch.no_grad():
@@ -266,91 +272,14 @@ def _identity_attention(attn: nn.MultiheadAttention, values: bool = True) -> Non
 def seed_connector(connector: nn.Module, image_to_lm: AffineMap, image_to_shared: AffineMap | None = None,
                    features: Tensor | np.ndarray | None = None, mlp_mode: str = "shift",
                    resampler_blocks: str = "pool") -> dict[str, float]:
-    """Initialise ``connector`` from the composed map ``image_to_lm`` (d_v → d_lm); see the module doc.
+    """Initialise ``connector`` from the composed map ``image_to_lm`` (d_v → d_lm): ``connector.seed(...)``.
 
-    ``resampler_blocks`` (perceiver / Q-Former): ``"pool"`` starts the blocks as attention pooling
-    (identity values, zero FFN outputs); ``"random"`` leaves them at their random init and seeds only
-    ``in_proj`` and the closed-form ``out_proj``.
-
-    ``image_to_shared`` (d_v → k) is needed by the perceiver and the Q-Former (their input projection);
-    ``features`` (a sample of training features ``[B, N, d_v]``) by ``mlp2x_gelu`` (to choose the
-    shift), the resamplers and ``gated_xattn`` (closed-form fits). Returns diagnostics (shift, R² of fits).
+    Each connector owns its recipe (module doc). ``image_to_shared`` (d_v → k) is needed by the
+    perceiver and the Q-Former; ``features`` (a sample of training features ``[B, N, d_v]``) by
+    ``mlp2x_gelu`` in shift mode, the resamplers and ``gated_xattn``; ``mlp_mode`` and
+    ``resampler_blocks`` are options of the connectors that take them. Returns diagnostics.
     """
-    from align.connectors import GatedXAttnConnector, LinearProjector, MLPProjector, PerceiverResampler, _Resampler
-
-    if image_to_lm.in_dim != connector.vision_dim or image_to_lm.out_dim != connector.lm_dim:
-        raise ValueError(f"seed map is {image_to_lm.in_dim} → {image_to_lm.out_dim}, connector is "
-                         f"{connector.vision_dim} → {connector.lm_dim}")
-    info: dict[str, float] = {}
-    if isinstance(connector, LinearProjector):
-        _set_linear(connector, image_to_lm)
-        return info
-    if isinstance(connector, MLPProjector):
-        if mlp_mode not in MLP_MODES:
-            raise ValueError(f"mlp_mode must be one of {MLP_MODES}, got {mlp_mode!r}")
-        first, second = connector[0], connector[2]
-        d = connector.lm_dim
-        shift = 0.0
-        if mlp_mode == "shift":
-            if features is None:
-                raise ValueError("mlp_mode='shift' needs a sample of training features to choose the shift")
-            z = image_to_lm(_flat_tokens(features))
-            shift = float(max(0.0, _GELU_LINEAR_FROM - np.quantile(z, 0.001)))
-        _set_linear(first, AffineMap(image_to_lm.weight, image_to_lm.bias + shift))
-        _set_linear(second, AffineMap(np.eye(d), np.full(d, -shift)))
-        info["mlp_shift"] = shift
-        return info
-    if isinstance(connector, _Resampler):
-        if image_to_shared is None or features is None:
-            raise ValueError(f"seeding a {connector.name} needs image_to_shared and a sample of features")
-        k = image_to_shared.out_dim
-        if k > connector.dim:
-            raise ValueError(f"shared space has {k} dims but the {connector.name} is only {connector.dim} wide")
-        if resampler_blocks not in RESAMPLER_BLOCKS:
-            raise ValueError(f"resampler_blocks must be one of {RESAMPLER_BLOCKS}, got {resampler_blocks!r}")
-        _set_linear(connector.in_proj, image_to_shared, rows=slice(0, k))
-        if resampler_blocks == "pool":
-            with torch.no_grad():
-                for layer in connector.layers:
-                    layer.ffn[3].weight.zero_()
-                    layer.ffn[3].bias.zero_()
-                    if isinstance(connector, PerceiverResampler):
-                        _identity_attention(layer.attn)
-                    else:
-                        _identity_attention(layer.cross_attn)
-                        layer.self_attn.out_proj.weight.zero_()
-                        layer.self_attn.out_proj.bias.zero_()
-        x = torch.as_tensor(np.asarray(features) if not isinstance(features, Tensor) else features).float()
-        x = x[: 512].to(connector.in_proj.weight.device)
-        with torch.no_grad():
-            h = connector.hidden(x).double().cpu().numpy()  # [B, M, dim]
-        target = image_to_lm(x.double().mean(1).cpu().numpy())  # [B, d_lm]
-        M = h.shape[1]
-        hx = h.reshape(-1, h.shape[-1])
-        ty = np.repeat(target, M, axis=0)
-        out = _ridge(hx, ty)
-        _set_linear(connector.out_proj, out)
-        info["out_proj_r2"] = map_r2(out, hx, ty)
-        return info
-    if isinstance(connector, GatedXAttnConnector):
-        if features is None:
-            raise ValueError("seeding gated_xattn needs a sample of training features")
-        x = _flat_tokens(features)
-        t = image_to_lm(x)
-        r2 = []
-        for block in connector.blocks:
-            with torch.no_grad():
-                nx = block.norm_x(torch.as_tensor(x, dtype=block.norm_x.weight.dtype,
-                                                  device=block.norm_x.weight.device)).double().cpu().numpy()
-            v = _ridge(nx, t)
-            d = connector.lm_dim
-            dev, dt = block.attn.out_proj.weight.device, block.attn.out_proj.weight.dtype
-            with torch.no_grad():
-                block.attn.v_proj_weight.copy_(torch.as_tensor(v.weight.T, dtype=dt, device=dev))
-                block.attn.in_proj_bias[2 * d:].copy_(torch.as_tensor(v.bias, dtype=dt, device=dev))
-                block.attn.out_proj.weight.copy_(torch.eye(d, dtype=dt, device=dev))
-                block.attn.out_proj.bias.zero_()
-            r2.append(map_r2(v, nx, t))
-        info["v_proj_r2"] = float(np.mean(r2))
-        return info
-    raise ValueError(f"seed_connector does not know {type(connector).__name__}")
+    if not hasattr(connector, "seed"):
+        raise ValueError(f"seed_connector does not know {type(connector).__name__} (no seed method)")
+    return connector.seed(image_to_lm, image_to_shared=image_to_shared, features=features, mlp_mode=mlp_mode,
+                          resampler_blocks=resampler_blocks)

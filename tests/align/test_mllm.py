@@ -261,3 +261,106 @@ def test_vision_callable_is_frozen_and_applied(lm):
     assert not tower.training and set(model.state_dict()) == {"connector.weight", "connector.bias"}
     plain = MultimodalLM(*lm, build_connector("linear", D_V, 64), prompt="caption:", vision=lambda x: x * 2.0)
     assert plain.caption_nll({"image": raw[..., :1].expand(-1, -1, D_V), "text": CAPTIONS}).shape == (4,)
+
+
+# ------------------------------------------------------------------------- cheaper step, dialogues, LoRA
+
+
+def _grads(model, loss):
+    model.connector.zero_grad(set_to_none=True)
+    if model.style is not None:
+        model.style.grad = None
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("style", [0, 2])
+def test_cheaper_step_equals_plain_step_loss_and_gradients(lm, style):
+    """LM head on labelled positions only == transformers' full-logit loss, in value and in gradients."""
+    torch.manual_seed(0)
+    model = MultimodalLM(*lm, build_connector("mlp2x_gelu", D_V, 64), prompt="caption:", style_tokens=style)
+    batch = {"image": _images(), "text": CAPTIONS}
+    ours, plain = model.loss(batch), model.plain_loss(batch)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(model, model.loss(batch)), _grads(model, model.plain_loss(batch))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.llm.parameters())  # frozen weights never get gradients
+
+
+def _dialogues():
+    return [[("what colour is the circle ?", "red")],
+            [("is there a star ?", "yes"), ("what colour is the square ?", "blue"), ("is there a circle ?", "no")]]
+
+
+QA_WORDS = WORDS + "what colour yes no".split()
+
+
+def test_dialogue_labels_mask_everything_but_answers():
+    from align.mllm_data import PLAIN, DialogueDataset
+
+    lm = tiny_llm(QA_WORDS, seed=0)
+    _, tok = lm
+    ds = DialogueDataset(_images(2).numpy(), _dialogues(), [0, 1], tok, PLAIN)
+    item = ds[1]
+    ids, labels, mask = item["input_ids"], item["labels"], item["attention_mask"]
+    kept = labels[labels != -100].tolist()
+    eos = tok.eos_token_id
+    assert tok.unk_token_id not in ids.tolist()
+    assert kept == tok(" yes")["input_ids"] + [eos] + tok(" blue")["input_ids"] + [eos] + tok(" no")["input_ids"] + [eos]
+    assert torch.equal(ids[labels != -100], labels[labels != -100])  # labels are the answer tokens themselves
+    text = tok.decode(ids[mask.bool()])
+    # the first turn's opening ("question:") is the model's prefix, before the image tokens
+    assert text.count("question") == 2 and text.count("answer") == 3 and text.startswith("is there a star ?")
+    assert (labels[mask == 0] == -100).all()
+    model = _model(lm)
+    batch = {"image": _images(2), **{k: torch.stack([ds[i][k] for i in range(2)]) for k in ("input_ids", "labels",
+                                                                                          "attention_mask")}}
+    nll, m = model.token_nll(batch)
+    assert int(m.sum()) == sum(int((ds[i]["labels"] != -100).sum()) for i in range(2))
+    torch.testing.assert_close(model.loss(batch), model.plain_loss(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_lora_trains_only_connector_style_and_adapter_and_round_trips(lm, tmp_path):
+    from peft import PeftModel
+
+    from experiments.trainer import TrainConfig, Trainer
+    from align.mllm_data import DialogueDataset
+
+    llm, tok = tiny_llm(QA_WORDS, seed=0)  # own copy: LoRA is injected into the LM
+    torch.manual_seed(0)
+    model = MultimodalLM(llm, tok, build_connector("linear", D_V, 64), prompt="caption:", style_tokens=2)
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    n_lora = model.add_lora(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("connector.") or n == "style" or "lora_" in n for n in trainable)
+    assert n_lora == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+    ds = DialogueDataset(_images(2).numpy(), _dialogues() * 2, [0, 1, 0, 1], tok, model.chat_format)
+    Trainer(TrainConfig(max_steps=4, batch_size=4, lr=5e-2, progress=False)).fit(model, ds)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert any(float(p.abs().sum()) > 0 for p in lora_b)  # the adapter learned (B starts at 0)
+    sd = model.state_dict()
+    assert any(k.startswith("adapter.") for k in sd) and "style" in sd
+    model.eval()
+    with torch.no_grad():
+        ref = model.llm(input_ids=torch.tensor([[3, 5, 6, 7]])).logits
+    model.save_adapter(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    fresh, _ = tiny_llm(QA_WORDS, seed=0)
+    loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=torch.tensor([[3, 5, 6, 7]])).logits, ref)
+    model.remove_lora()
+    for k, v in llm.state_dict().items():  # the base weights never changed and the adapter is gone
+        torch.testing.assert_close(v, before[k])
+    assert set(llm.state_dict()) == set(before)
+
+
+def test_chat_batch_equals_one_by_one(lm):
+    model = _model(lm, "mlp2x_gelu")
+    images = _images(3)
+    qs = ["what colour is the circle ?", "is there a star ?", "what colour is the square left of the star ?"]
+    together = model.chat(images, qs, max_new_tokens=3)
+    alone = [model.chat(images[i:i + 1], q, max_new_tokens=3)[0] for i, q in enumerate(qs)]
+    assert together == alone
+    with pytest.raises(ValueError, match="empty question"):
+        model.chat(images[:1], "  ")
