@@ -93,3 +93,39 @@ def load_mfeat(
              {k: len(v) for k, v in splits.items()})
     return MultiViewData(views=arrays, labels=labels, class_names=list(CLASS_NAMES), splits=splits,
                          fingerprint=h.hexdigest()[:16], name="mfeat")
+
+
+def view_pair_cca(data: MultiViewData, n_components: int = 3, reg: float = 1e-3) -> list[dict]:
+    """Two-view CCA (``align.cca.CCA``, relative ``reg``) on every pair of views, fitted on train + val rows with each
+    view standardised on them: per pair, the first ``n_components`` canonical correlations on those rows
+    (``train``) and the correlations of the same variates on the test rows (``test``)."""
+    import itertools
+
+    from align.cca import CCA
+
+    fit_rows = np.concatenate([data.splits["train"], data.splits["val"]])
+    test_rows = data.splits["test"]
+    out = []
+    for a, b in itertools.combinations(data.modalities, 2):
+        za, zb = (_standardised(data.views[m].astype(np.float64), fit_rows) for m in (a, b))
+        k = min(n_components, za.shape[1], zb.shape[1])
+        cca = CCA(n_components=k, reg=reg).fit(za[fit_rows], zb[fit_rows])
+        ua, ub = cca.transform(za[test_rows], zb[test_rows])
+        test = [float(np.corrcoef(ua[:, j], ub[:, j])[0, 1]) for j in range(k)]
+        out.append({"pair": (a, b), "train": [float(c) for c in cca.correlations_[:k]], "test": test})
+    return out
+
+
+def _standardised(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return (x - x[rows].mean(0)) / (x[rows].std(0) + 1e-8)
+
+
+if __name__ == "__main__":  # python -m experiments.data.real.mfeat: the view-pair CCA table of the README
+    import time
+
+    t0 = time.perf_counter()
+    rows = view_pair_cca(load_mfeat())
+    print("| pair | ρ1 train | ρ2 | ρ3 | ρ1 test | ρ2 | ρ3 |\n|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {'–'.join(r['pair'])} | " + " | ".join(f"{v:.3f}" for v in r["train"] + r["test"]) + " |")
+    print(f"({time.perf_counter() - t0:.1f} s)")
