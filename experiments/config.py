@@ -44,7 +44,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 
 __all__ = [
     "ConfigError", "DataSection", "RunConfig", "Section", "TrainSection", "apply_overrides", "check_kwargs",
-    "config_path", "dump", "load_config", "parse_override", "read_yaml",
+    "config_path", "dump", "load_config", "parse_override", "read_yaml", "with_overrides",
 ]
 
 
@@ -228,12 +228,34 @@ def load_config(cls: type[M], raw: Mapping[str, Any] | None, where: str = "confi
                 overrides: list[str] | tuple[str, ...] = (), prefix: str = "") -> M:
     """Validate ``raw`` (after ``overrides``) merged onto ``cls``'s defaults; :class:`ConfigError` on any problem
     (keys named ``prefix`` + their dotted path, e.g. ``prefix="aligners.clip.train."``)."""
-    raw = apply_overrides(dict(raw or {}), list(overrides))
     try:
         defaults = cls().model_dump() if _has_all_defaults(cls) else {}
+        raw = with_overrides(cls, dict(raw or {}), overrides)
         return cls.model_validate(merge_onto_defaults(cls, defaults, raw))
     except ValidationError as e:
         raise _errors(cls, e, where, prefix) from None
+
+
+def with_overrides(cls: type[BaseModel], raw: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
+    """``raw`` (a config file's dict) with dotted ``overrides`` applied, for config model ``cls``."""
+    defaults = cls().model_dump() if _has_all_defaults(cls) else {}
+    return apply_overrides(_drop_replaced_sources(cls, dict(raw), defaults, overrides), list(overrides))
+
+
+def _drop_replaced_sources(cls: type[BaseModel], raw: dict, defaults: Mapping[str, Any], overrides) -> dict:
+    """An override ``data.name=<other source>`` drops the file's options for the previous source (the same rule
+    as for a partial section naming another source), so ``data.name=karpathy data.path=...`` needs nothing else."""
+    out = dict(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        field = cls.model_fields.get(path[0]) if len(path) == 2 and path[1] == "name" else None
+        sub = _section_type(field.annotation) if field is not None else None
+        if sub is not None and issubclass(sub, DataSection):
+            section = out.get(path[0]) if isinstance(out.get(path[0]), Mapping) else {}
+            current = section.get("name", (defaults.get(path[0]) or {}).get("name"))
+            if value != current:
+                out[path[0]] = {}
+    return out
 
 
 def _has_all_defaults(cls: type[BaseModel]) -> bool:

@@ -22,12 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from experiments.config import apply_overrides, config_path, read_yaml
+    from experiments.config import apply_overrides, config_path, read_yaml, with_overrides
     from experiments.runners import runner_module
 
     path = config_path(args.config)
-    raw = apply_overrides(read_yaml(path), args.overrides)
-    mod = runner_module(raw.get("experiment", ""))
+    raw = read_yaml(path)
+    mod = runner_module(apply_overrides(raw, args.overrides).get("experiment", ""))
+    config_cls = getattr(mod, "Config", None)
+    if hasattr(config_cls, "model_fields"):  # a pydantic RunConfig: its override rules (a new data source)
+        raw = with_overrides(config_cls, raw, args.overrides)
+    else:
+        raw = apply_overrides(raw, args.overrides)
     cfg = mod.load(raw, where=path.name)  # validates every key and name before any work
     if args.dry_run:
         print(json.dumps(mod.to_dict(cfg) if hasattr(mod, "to_dict") else raw, indent=2, default=str))

@@ -25,6 +25,10 @@ def test_partial_sections_merge_and_part_selections_replace():
     other = load_config(Cfg, {"data": {"name": "csv", "path": "x.tsv"}})
     assert other.data.options() == {"path": "x.tsv"}  # the default source's options do not follow
     assert load_config(Cfg, {}, overrides=["train.lr=1e-4", "seeds=[3]"]).train.lr == 1e-4  # YAML "1e-4" string
+    file = {"data": {"n_scenes": 5}}  # a config file's options for its source ...
+    moved = load_config(Cfg, file, overrides=["data.name=karpathy", "data.path=k.json"])
+    assert moved.data.options() == {"path": "k.json"}  # ... do not follow an override to another source
+    assert load_config(Cfg, file, overrides=["data.name=shapesworld"]).data.n_scenes == 5
 
 
 def test_part_train_override_merges_onto_the_runs_section():

@@ -104,7 +104,7 @@ def test_bundled_yaml_is_valid(no_loading):
     from experiments.config import config_path, read_yaml
 
     cfg = R.load(read_yaml(config_path("fusion_shapesworld")), "fusion_shapesworld.yaml")
-    assert cfg.tasks == ["nearest_colour", "largest_shape", "digits_halves"] and len(cfg.seeds) >= 3
+    assert list(cfg.task_modalities()) == ["nearest_colour", "largest_shape", "digits_halves"] and len(cfg.seeds) >= 3
     assert "text" not in cfg.task_modalities()["nearest_colour"]
 
 
