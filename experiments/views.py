@@ -247,6 +247,12 @@ def caption_source(section: DataSection, data: Any) -> CaptionSource:
                              images=LazyImages(data, np.arange(len(data)), size),
                              labels=None if labels is None else np.asarray(labels),
                              class_names=getattr(data, "class_names", None), dataset=data)
+    if hasattr(data, "captions") and hasattr(data, "splits") and hasattr(data, "images"):  # e.g. fashion_mnist
+        images = data.images_rgb(size=size) if callable(getattr(data, "images_rgb", None)) else data.images
+        labels = getattr(data, "labels", None)
+        return CaptionSource(section.name, data.fingerprint, data.captions, dict(data.splits), images=images,
+                             labels=None if labels is None else np.asarray(labels),
+                             class_names=getattr(data, "class_names", None), dataset=data)
     raise ConfigError(f"data {section.name!r} gives a {type(data).__name__}, which has no images and captions; "
                       "the align runner takes shapesworld, digits, csv, karpathy, embeddings or a loader returning "
                       "ImageTextData")
