@@ -196,7 +196,7 @@ def fit_unit(entry: Entry, task: Any, cfg: Config, seed: int, unit_dir: Path) ->
     kind = input_kind(cls, entry.name, cfg)
     views = task.views[kind]
     in_dims = {m: int(np.prod(views["train"][m].shape[1:])) if kind == "raw" else int(views["train"][m].shape[-1])
-               for m in entry.modalities}
+               for m in entry.modalities if m in views["train"]}  # e.g. no text pixels
     model = fusion.build_strategy(cls, in_dims, task.num_classes, seed, **(cfg.strategies[entry.name] or {}))
     train = {**model_inputs(model, views["train"]), "label": task.labels["train"]}
     val = model_inputs(model, views["val"])

@@ -213,7 +213,7 @@ def test_end_to_end_digits_two_seeds(tmp_path):
 
 def test_end_to_end_shapesworld_tiny(tmp_path):
     raw = _raw(
-        out_dir=str(tmp_path / "out"), tasks=["nearest_colour"], seeds=[0],
+        out_dir=str(tmp_path / "out"), tasks=["nearest_colour", "largest_shape"], seeds=[0],
         data={"n_scenes": 40, "image_size": 64, "cnn_pixels": 16, "flat_pixels": 8}, cache_dir=str(tmp_path),
         strategies={"unimodal": {"embed_dim": 8, "hidden": 16}, "data/channel_stack": {"width": 4},
                     "feature/cross_attention": {"embed_dim": 8, "hidden": 16, "num_heads": 2, "num_layers": 1},
@@ -230,6 +230,9 @@ def test_end_to_end_shapesworld_tiny(tmp_path):
     assert info["inputs"]["grid"] == "image [4, 1280], depth [4, 1280]"  # 2x2 grid at 64 px
     assert info["inputs"]["pixels"] == "image [16, 16, 3], depth [16, 16]"
     assert 0.0 <= info["caption_names_nearest_colour"] <= 100.0
+    # with text among the modalities, data/channel_stack still gets its RGB and depth pixels
+    assert results["tasks"]["largest_shape"]["data/channel_stack"]["missing_modality"]["text"] == pytest.approx(
+        results["tasks"]["largest_shape"]["data/channel_stack"]["accuracy"])
     report = (tmp_path / "out" / "report_fusion.md").read_text()
     assert "replicated to 3 channels" in report and "fusion_robustness_nearest_colour.png" in report
 
