@@ -11,7 +11,7 @@ import json
 
 NAME = "bench"
 HELP = "run a benchmark (retrieval, cca, clip, datagen, features) and print ratios against its peer"
-BENCHMARKS = ["retrieval", "cca", "clip", "datagen", "features", "serve"]
+BENCHMARKS = ["retrieval", "cca", "clip", "datagen", "features", "bridge", "serve"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -130,3 +130,15 @@ def test_connector_config_round_trip(name):
     assert type(again) is type(c)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in c.state_dict().items()}
     again.load_state_dict(c.state_dict())
+
+
+def test_connectors_keep_their_constructor_config():
+    import copy
+
+    c = build_connector("perceiver", D_V, 64, dim=32, num_latents=3, depth=1)
+    assert c.config == {"name": "perceiver", "vision_dim": D_V, "lm_dim": 64, "num_latents": 3, "dim": 32, "depth": 1,
+                        "heads": 4, "ffn_mult": 4, "max_inputs": 256}
+    assert copy.deepcopy(c).config == c.config  # copies keep it
+    x = GatedXAttnConnector(D_V, 64, num_lm_layers=5, every=2)
+    assert x.config["num_lm_layers"] == 5 and x.config["every"] == 2 and x.llava_type is None
+    assert build_connector("mlp2x_gelu", D_V, 64).llava_type == "mlp2x_gelu"
