@@ -7,7 +7,7 @@ BLIP-2's starts from BERT. ``loss(batch)`` returns a dict of weighted terms, eac
 config (a zero weight skips the term):
 
 * ``itc`` — queries and text apart (unimodal mask); image–text similarity = the highest cosine over the
-  query embeddings against the text's [CLS] embedding, through :class:`QueryMaxClipLoss` (open_clip's
+  query embeddings against the text's embedding (mean of its token outputs, or [CLS] as BLIP-2), through :class:`QueryMaxClipLoss` (open_clip's
   ``ClipLoss`` with that similarity; its distributed options are kept, see :meth:`set_distributed`);
 * ``itm`` — binary matching over all of ``[queries ; text]`` (bidirectional mask): the batch's positives,
   plus for each image a hard negative caption and for each caption a hard negative image, drawn with
@@ -112,6 +112,9 @@ class QFormerAligner(GradientAligner):
             ``ffn_dim`` may shrink the model, e.g. for tests). model_dir: another BERT directory.
         itg_vocab: ``"full"`` (softmax over the whole vocabulary) or ``"batch"`` (over the batch's tokens).
         itm_sample: draw hard negatives from softmax(similarity) (BLIP-2) or take the hardest (False).
+        text_pool: the text's ITC embedding: ``"mean"`` of the token outputs (how all-MiniLM-L6-v2 was trained to
+            embed sentences; its [CLS] output barely differs between captions, and ITC did not leave chance in
+            60 steps from it) or ``"cls"`` (BLIP-2, whose BERT was not a sentence encoder).
         local_loss, gather_with_grad: ``ClipLoss`` options for multi-process training.
     """
 
@@ -132,12 +135,14 @@ class QFormerAligner(GradientAligner):
                  itg_weight: float = 1.0, cls_weight: float = 0.0, num_classes: int | None = None,
                  init: str = "minilm", model_dir: str | None = None, hidden: int | None = None,
                  heads: int | None = None, ffn_dim: int | None = None, dropout: float = 0.1,
-                 query_ffn: bool = True, itg_vocab: str = "full", itm_sample: bool = True,
+                 query_ffn: bool = True, itg_vocab: str = "full", itm_sample: bool = True, text_pool: str = "mean",
                  init_logit_scale: float = INIT_LOGIT_SCALE, max_logit_scale: float = 100.0,
                  local_loss: bool = False, gather_with_grad: bool = False) -> None:
         super().__init__()
         if init not in ("minilm", "random"):
             raise ValueError(f"init must be 'minilm' or 'random', got {init!r}")
+        if text_pool not in ("mean", "cls"):
+            raise ValueError(f"text_pool must be 'mean' or 'cls', got {text_pool!r}")
         if itg_vocab not in ("full", "batch"):
             raise ValueError(f"itg_vocab must be 'full' or 'batch', got {itg_vocab!r}")
         if cls_weight > 0 and not num_classes:
@@ -152,6 +157,7 @@ class QFormerAligner(GradientAligner):
         self.weights = {"itc": float(itc_weight), "itm": float(itm_weight), "itg": float(itg_weight),
                         "cls": float(cls_weight)}
         self.itg_vocab, self.itm_sample, self.max_logit_scale = itg_vocab, itm_sample, max_logit_scale
+        self.text_pool = text_pool
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.qformer = QFormerModel(
             image_dim, num_queries=num_queries, num_layers=num_layers, cross_every=cross_every,
@@ -217,11 +223,17 @@ class QFormerAligner(GradientAligner):
         """L2-normalised ITC embeddings of every query [B, Q, embed_dim]."""
         return F.normalize(self.vision_proj(self.query_outputs(grid)), dim=-1)
 
+    def _pool_text(self, t: Tensor, mask: Tensor) -> Tensor:
+        if self.text_pool == "cls":
+            return t[:, 0]
+        m = mask.unsqueeze(-1).to(t.dtype)
+        return (t * m).sum(1) / m.sum(1).clamp_min(1.0)
+
     def text_embeddings(self, texts: Sequence[str]) -> Tensor:
-        """L2-normalised ITC embeddings of the captions' [CLS] [N, embed_dim]."""
+        """L2-normalised ITC embeddings [N, embed_dim] of the captions' pooled text outputs (``text_pool``)."""
         ids, mask = self.tokenize(texts)
         _, t = self.qformer(ids=ids, text_mask=mask, with_queries=False)
-        return F.normalize(self.text_proj(t[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(self._pool_text(t, mask)), dim=-1)
 
     def encode(self, modality: str, x: Any) -> Tensor:
         """``"image"``: grid [N, P, d_v] → normalised mean query embedding [N, D]; ``"text"``: N strings → [N, D]."""
@@ -280,7 +292,7 @@ class QFormerAligner(GradientAligner):
             q_out = self.query_outputs(grid)
             img_q = F.normalize(self.vision_proj(q_out), dim=-1)
             _, t_out = self.qformer(ids=ids, text_mask=mask, with_queries=False)
-            txt = F.normalize(self.text_proj(t_out[:, 0]), dim=-1)
+            txt = F.normalize(self.text_proj(self._pool_text(t_out, mask)), dim=-1)
             if w["itc"] > 0:
                 out["itc"] = w["itc"] * self.itc_loss(img_q, txt, self.scale)
             if w["cls"] > 0:
@@ -352,7 +364,7 @@ class QFormerConnector(Connector, nn.Module):
     linear projection into the LLM ([B, Q, lm_dim]). The query path is the aligner's own module (shared
     weights: copy the aligner first if it must stay untouched); ``freeze_qformer`` trains only the projection."""
 
-    name = "qformer"
+    name = "qformer_blip2"  # not in CONNECTORS: it is built from a trained aligner, not from a config
 
     def __init__(self, aligner: QFormerAligner, lm_dim: int, freeze_qformer: bool = False) -> None:
         nn.Module.__init__(self)

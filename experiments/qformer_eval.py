@@ -188,11 +188,18 @@ def run_variant(name: str, args, ds, grid, test_idx, seed: int) -> dict[str, Any
     txt = torch.cat([model.encode("text", test_texts[s:e]) for s, e in _chunks(len(test_texts), 256)])
     res["encode_rsum"] = retrieval_metrics(img, txt, test_t2i, progress=False)["rsum"]
     t0 = time.perf_counter()
-    res.update(qformer_retrieval_metrics(model, test_grid, test_texts, test_t2i, k=args.k))
+    if VARIANTS[name]["itm_weight"] == 0:  # no trained ITM head: ITC only (re-ranking would be noise)
+        itc = itc_score_matrix(model, test_grid, test_texts)
+        res["itc"] = metrics_from_ranks(ranks_from_scores(itc, itc, test_t2i))
+        res["itm_rerank"] = {"rsum": float("nan")}
+    else:
+        res.update(qformer_retrieval_metrics(model, test_grid, test_texts, test_t2i, k=args.k))
     src = [s for i in test_idx for s in ds.hard_negative_sources[i]]
     neg = [s for i in test_idx for s in ds.hard_negatives[i]]
     owner = np.repeat(np.arange(len(test_idx)), [len(ds.hard_negatives[i]) for i in test_idx])
     res["hard_negatives"] = itm_hard_negative_metrics(model, test_grid, src, neg, owner)
+    if VARIANTS[name]["itm_weight"] == 0:
+        res["hard_negatives"]["itm"] = res["hard_negatives"]["itm_per_image"] = float("nan")
     res["eval_seconds"] = time.perf_counter() - t0
     if args.save:
         Path(args.out).mkdir(parents=True, exist_ok=True)
