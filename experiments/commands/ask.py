@@ -17,6 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='many questions, one model load: lines {"image": PATH, "question": TEXT}; prints one '
                              'JSON line per input with an added "answer"')
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    # `ask RUN_DIR --image PATH "question"`: the question comes after an option, which plain argparse does
+    # not give to a positional; intermixed parsing does
+    plain = parser.parse_known_args
+
+    def intermixed(args=None, namespace=None):
+        parser.parse_known_args = plain  # parse_known_intermixed_args calls it twice internally
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            parser.parse_known_args = intermixed
+
+    parser.parse_known_args = intermixed  # type: ignore[method-assign]
 
 
 def _batch_lines(path: str) -> list[dict]:
