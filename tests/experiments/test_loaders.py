@@ -195,7 +195,7 @@ def test_load_dataset_dispatches_by_name(tmp_path, images):
     assert len(load_dataset("karpathy", path=_karpathy(tmp_path, images), image_root=tmp_path / "img")) == 1
     assert len(load_dataset("digits", holdout_digits=[1]).splits["zeroshot"]) > 0
     assert len(load_dataset("shapesworld", n_scenes=5, image_size=32, use_cache=False)) == 5
-    with pytest.raises(KeyError, match="unknown dataset 'mnist'; known datasets: csv, digits"):
+    with pytest.raises(KeyError, match="unknown dataset 'mnist'; known datasets: basicmotions, csv, digits"):
         load_dataset("mnist")
 
 
