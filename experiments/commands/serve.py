@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from experiments.serve.app import launch
     from experiments.serve.source import RunSource
 
-    src = RunSource(args.run_dir, warm=args.warm)
+    src = RunSource(args.run_dir, warm=args.warm, background=True)
     try:
         app, url = launch(src, host=args.host, port=args.port or None, block=False)
     except OSError as e:

@@ -46,6 +46,11 @@ def _check_text(text: Any, what: str) -> str:
     return text
 
 
+def _need_aligners(src: RunSource) -> None:
+    if not src.names:
+        raise Unavailable(f"{src.run_dir.name} has no aligners (a bridge run): ask the image instead")
+
+
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest ``scores`` [N], best first."""
     k = min(k, len(scores))
@@ -59,6 +64,7 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 def text_to_images(src: RunSource, query: Any, k: Any = 5) -> dict[str, Any]:
     """Top-``k`` test images per aligner for ``query``; ``true`` marks the images the query is a caption of."""
     query, k = _check_text(query, "query"), _check_k(k)
+    _need_aligners(src)
     rows = src.caption_rows(query)
     true = sorted({int(src.gallery.caption_owner[j]) for j in rows})
     out: dict[str, Any] = {"query": query, "is_test_caption": bool(rows), "true_images": true, "aligners": {}}
@@ -126,9 +132,13 @@ def decode_upload(path: Any, size: int, upload_root: str | Path | None = None) -
 
 def image_to_captions(src: RunSource, row: Any = None, upload: Any = None, k: Any = 5,
                       upload_root: str | Path | None = None) -> dict[str, Any]:
-    """Top-``k`` test captions per aligner for gallery image ``row`` or an uploaded image (the upload wins)."""
+    """Top-``k`` test captions per aligner for gallery image ``row`` or an uploaded image (the upload wins: a file,
+    or the image already decoded by :func:`decode_upload`, uint8 [S, S, 3])."""
     k = _check_k(k)
-    if upload:
+    _need_aligners(src)
+    if isinstance(upload, np.ndarray):
+        image, row_, source = upload, None, "upload"
+    elif upload:
         image = decode_upload(upload, src.image_size, upload_root)
         row_, source = None, "upload"
     else:
@@ -167,6 +177,7 @@ def binding_probe(src: RunSource, row: Any, caption: Any, edited: Any) -> dict[s
     """Each aligner's score of gallery image ``row`` with ``caption`` and with the ``edited`` caption."""
     row = check_row(src, row)
     caption, edited = _check_text(caption, "caption"), _check_text(edited, "edited caption")
+    _need_aligners(src)
     out: dict[str, Any] = {"row": row, "caption": caption, "edited": edited, "aligners": {}}
     for name in src.names:
         try:

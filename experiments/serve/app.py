@@ -16,7 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage 
 import gradio as gr  # noqa: E402
 
 from experiments.serve import actions  # noqa: E402
-from experiments.serve.render import CSS, Thumbnails, captions_html, images_html, message, png_uri, probe_html
+from experiments.serve.render import CSS, Thumbnails, captions_html, image_uri, images_html, message, probe_html
 from experiments.serve.source import RunSource, Unavailable
 
 log = logging.getLogger(__name__)
@@ -52,16 +52,20 @@ def _guard(fn: Callable[..., Any], render: Callable[[dict], str], n_out: int = 2
 
 def _header(src: RunSource) -> str:
     d = src.data
-    lines = [f"## alignfuse · `{src.run_dir.name}`",
-             f"{d['name']} ({d.get('n_scenes', '')} scenes, seed {d.get('seed')}): {len(src.gallery.images)} test "
-             f"images, {len(src.gallery.captions)} test captions. Aligners: "
-             + ", ".join(f"**{n}**" + ("" if src.live(n) else " (saved test embeddings only)") for n in src.names)
-             + "."]
-    reasons = {src.live_reason(n) for n in src.names if not src.live(n)}
+    return "\n\n".join([
+        f"## alignfuse · `{src.run_dir.name}`",
+        f"{d['name']} ({d.get('n_scenes', '')} scenes, seed {d.get('seed')}): {len(src.gallery.images)} test images, "
+        f"{len(src.gallery.captions)} test captions. Aligners: {', '.join(f'**{n}**' for n in src.names) or 'none'}."])
+
+
+def _status(src: RunSource) -> str:
+    """Which aligners encode new text and images (waits for the run's trained parts to be loaded)."""
+    live = [n for n in src.names if src.live(n)]
+    lines = [f"Encoded live: {', '.join(live) if live else 'none'}."]
+    reasons = sorted({r for n in src.names if not src.live(n) and (r := src.live_reason(n))})
     if reasons:
-        lines.append("Not encoded live: " + " · ".join(sorted(r for r in reasons if r)))
-    for name, why in src.problems.items():
-        lines.append(f"{name}: not shown ({why}).")
+        lines.append("Saved test embeddings only (type a test caption or pick a gallery image): " + " · ".join(reasons))
+    lines += [f"{name}: not shown ({why})." for name, why in src.problems.items()]
     return "\n\n".join(lines)
 
 
@@ -72,17 +76,18 @@ def build_app(src: RunSource, upload_root: str | Path | None = None):
     picks = [(src.gallery.images[i], f"#{i}") for i in range(min(GALLERY_THUMBS, len(src.gallery.images)))]
     example_caption = src.gallery.captions[0]
 
-    def image_uri(result: dict) -> str:
+    def query_image(result: dict) -> str:
         return thumbs(result["row"]) if result["row"] is not None else result.pop("_uri", "")
 
     def to_captions(row, upload, k):
-        result = actions.image_to_captions(src, row, upload, k, upload_root=root)
-        if result["row"] is None:
-            result["_uri"] = png_uri(actions.decode_upload(upload, src.image_size, root))
+        image = actions.decode_upload(upload, src.image_size, root) if upload else None
+        result = actions.image_to_captions(src, row, image, k)
+        if image is not None:
+            result["_uri"] = image_uri(image, 96)
         return result
 
     def picker(label: str):
-        gallery = gr.Gallery(picks, label=f"{label}: pick a test image", columns=8, height=230,
+        gallery = gr.Gallery(picks, label=f"{label}: pick a test image", columns=12, height=210,
                              allow_preview=False, object_fit="contain", format="png")
         with gr.Row():
             row = gr.Number(0, label=f"gallery image # (0-{len(src.gallery.images) - 1})", precision=0)
@@ -97,6 +102,8 @@ def build_app(src: RunSource, upload_root: str | Path | None = None):
 
     with gr.Blocks(title=f"alignfuse · {src.run_dir.name}", analytics_enabled=False) as app:
         gr.Markdown(_header(src), elem_id="af-header")
+        status = gr.Markdown("Loading the run's trained aligners…", elem_id="af-status")
+        app.load(lambda: _status(src), None, status, api_visibility="private")
         with gr.Tab("Text → images", id="text"):
             with gr.Row():
                 query = gr.Textbox(label="query", placeholder=f"e.g. {example_caption}", scale=5, elem_id="af-query")
@@ -118,7 +125,7 @@ def build_app(src: RunSource, upload_root: str | Path | None = None):
             out_cap = gr.HTML(elem_id="af-captions")
             with gr.Accordion("raw results (JSON)", open=False):
                 json_cap = gr.JSON()
-            handler = _guard(to_captions, lambda r: captions_html(r, image_uri(r)))
+            handler = _guard(to_captions, lambda r: captions_html(r, query_image(r)))
             handler.__name__ = "image_to_captions"
             show.click(handler, [row_c, upload_c, k_cap], [out_cap, json_cap], api_name="image_to_captions")
             gr.on([row_c.change, upload_c.upload], handler, [row_c, upload_c, k_cap], [out_cap, json_cap],
@@ -185,7 +192,16 @@ def build_app(src: RunSource, upload_root: str | Path | None = None):
 
 
 def launch(src: RunSource, host: str = "127.0.0.1", port: int | None = None, block: bool = True):
-    """Serve the page on ``host:port``; returns ``(app, url)`` (``block=False``: the server runs in a thread)."""
+    """Serve the page on ``host:port``; returns ``(app, url)`` (``block=False``: the server runs in a thread).
+
+    Torch and BLAS run on one thread in this process: requests encode one query, and on a shared 2-core machine
+    more threads only spin (measured: MiniLM on one sentence 86 ms with 1 thread, 1,396 ms with 2 under load).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(1)
     root = upload_folder()
     root.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(root)

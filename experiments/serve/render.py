@@ -1,7 +1,7 @@
 """HTML for the page: results of :mod:`experiments.serve.actions` as side-by-side columns per aligner.
 
-Thumbnails are inline PNG data URIs (the gallery is fixed, so each is encoded once), so the page
-never asks the server for a file by path.
+Thumbnails are inline JPEG data URIs (the gallery is fixed, so each is encoded once, ~3 KB at 96 px), so
+the page never asks the server for a file by path.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ CSS = """
 .af-col {flex: 1 1 160px; min-width: 150px; border: 1px solid #ddd; border-radius: 8px; padding: 8px}
 .af-col h4 {margin: 0 0 6px 0; font-size: 15px}
 .af-hit {display: flex; gap: 6px; align-items: center; margin: 4px 0; font-size: 13px}
-.af-hit img {width: 72px; height: 72px; border-radius: 4px; border: 3px solid transparent; image-rendering: pixelated}
+.af-hit img {width: 72px; height: 72px; border-radius: 4px; border: 3px solid transparent}
 .af-hit.af-true img {border-color: #1a9c3c}
 .af-true .af-mark {color: #1a9c3c; font-weight: bold}
 .af-note {color: #8a6d00; font-size: 12px}
@@ -29,26 +29,31 @@ table.af-probe td:first-child, table.af-probe th:first-child {text-align: left}
 
 
 class Thumbnails:
-    """PNG data URIs of gallery images, encoded on first use."""
+    """JPEG data URIs of gallery images at ``size`` px, encoded on first use (a tiled gallery's repeats share one)."""
 
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = images
+    def __init__(self, images: Any, size: int = 96) -> None:
+        self.images, self.size = images, size
+        self._base = getattr(images, "base_row", lambda row: row)
         self._uri: dict[int, str] = {}
 
     def __call__(self, row: int) -> str:
-        uri = self._uri.get(row)
+        key = self._base(row)
+        uri = self._uri.get(key)
         if uri is None:
-            uri = self._uri[row] = png_uri(np.asarray(self.images[row]))
+            uri = self._uri[key] = image_uri(np.asarray(self.images[row]), self.size)
         return uri
 
 
-def png_uri(image: np.ndarray) -> str:
-    """uint8 [H, W, 3] → ``data:image/png;base64,…``."""
+def image_uri(image: np.ndarray, size: int | None = None) -> str:
+    """uint8 [H, W, 3] → ``data:image/jpeg;base64,…`` (resized to ``size`` px on its longer side)."""
     from PIL import Image
 
+    im = Image.fromarray(image)
+    if size is not None and max(im.size) > size:
+        im.thumbnail((size, size), Image.BICUBIC)
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def message(text: str) -> str:
@@ -76,7 +81,7 @@ def images_html(result: dict[str, Any], thumbs: Thumbnails) -> str:
     return head + f'<div class="af-cols">{"".join(cols)}</div>'
 
 
-def captions_html(result: dict[str, Any], image_uri: str) -> str:
+def captions_html(result: dict[str, Any], uri: str) -> str:
     """Image → captions: the image, then one column per aligner of top-k captions (✓ = a true caption)."""
     cols = []
     for name, r in result["aligners"].items():
@@ -85,7 +90,7 @@ def captions_html(result: dict[str, Any], image_uri: str) -> str:
             f'{h["score"]:.3f} {html.escape(h["caption"])}</div>' for h in r["hits"])
         cols.append(f'<div class="af-col" data-aligner="{html.escape(name)}"><h4>{html.escape(name)}</h4>'
                     f'{_note(r.get("note"))}{hits}</div>')
-    return (f'<div class="af-hit"><img src="{image_uri}" alt="query image"><span>{html.escape(result["image"])}'
+    return (f'<div class="af-hit"><img src="{uri}" alt="query image"><span>{html.escape(result["image"])}'
             f'</span></div><div class="af-cols">{"".join(cols)}</div>')
 
 

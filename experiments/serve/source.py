@@ -130,51 +130,71 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 class RunSource:
-    """One run, ready to search. ``aligners`` (name → trained model) overrides loading them from the run."""
+    """One run, ready to search. ``aligners`` (name → trained model) overrides loading them from the run.
+
+    ``background``: rebuild the trained aligners in a thread (the page can be served meanwhile; whatever needs
+    them waits for it); ``warm``: then also load the frozen encoders, so that the first live query is fast.
+    """
 
     def __init__(self, run_dir: str | Path, aligners: dict[str, Any] | None = None,
                  aligner_loader: Callable[[Path, str], Any] = load_trained_aligner,
-                 bridge_loader: Callable[[Path], Any] = load_trained_bridge, warm: bool = False) -> None:
+                 bridge_loader: Callable[[Path], Any] = load_trained_bridge, warm: bool = False,
+                 background: bool = False) -> None:
         self.run_dir = Path(run_dir).resolve()
         if not self.run_dir.is_dir():
             raise FileNotFoundError(f"{run_dir}: no such run directory")
-        align_dir = find_align_dir(self.run_dir)
-        if align_dir is None:
-            raise FileNotFoundError(f"{run_dir}: not an align or demo run (expected results.json and embeddings/ "
-                                    "here or in align/; run `alignfuse demo` first)")
-        self.align_dir = align_dir
-        self.results = _read_json(self.run_dir, align_dir / "results.json")
-        self.data = self.results.get("data")
+        self.align_dir = find_align_dir(self.run_dir)
+        self.bridge_dir = find_bridge_dir(self.run_dir)
+        if self.align_dir is None and self.bridge_dir is None:
+            raise FileNotFoundError(f"{run_dir}: not a demo, align or bridge run (expected results.json and "
+                                    "embeddings/ here or in align/, or a bridge run; run `alignfuse demo` first)")
+        # the run whose config describes the data: the align run, else the bridge run (no aligners to show)
+        self.config_dir = self.align_dir or self.bridge_dir
+        self.results = _read_json(self.run_dir, self.config_dir / "results.json")
+        self.data = self.results.get("data") if self.align_dir else (self.results.get("config") or {}).get("data")
         if not isinstance(self.data, dict) or "name" not in self.data:
-            raise ValueError(f"{align_dir / 'results.json'}: no data section (a run from an older version?)")
+            raise ValueError(f"{self.config_dir / 'results.json'}: no data section (a run from an older version?)")
         self.gallery = self._load_gallery()
         self.problems: dict[str, str] = {}  # aligner → why it is not shown at all
         self.image_emb: dict[str, np.ndarray] = {}
         self.text_emb: dict[str, np.ndarray] = {}
-        self._load_embeddings()
-        if not self.image_emb:
-            raise ValueError(f"{align_dir / 'embeddings'}: no aligner has usable test embeddings "
-                             f"({'; '.join(f'{k}: {v}' for k, v in self.problems.items()) or 'empty folder'})")
+        if self.align_dir is not None:
+            self._load_embeddings()
+            if not self.image_emb:
+                raise ValueError(f"{self.align_dir / 'embeddings'}: no aligner has usable test embeddings "
+                                 f"({'; '.join(f'{k}: {v}' for k, v in self.problems.items()) or 'empty folder'})")
         self.names = list(self.image_emb)
         self._caption_index: dict[str, list[int]] = {}
         for j, c in enumerate(self.gallery.captions):
             self._caption_index.setdefault(normalise_text(c), []).append(j)
         self._models: dict[str, Any] = dict(aligners or {})
         self._live_reason: dict[str, str] = {}
-        for name in self.names:
-            if name not in self._models:
-                try:
-                    self._models[name] = aligner_loader(self.align_dir, name)
-                except Unavailable as e:
-                    self._live_reason[name] = str(e)
+        self._loaded = threading.Event()
+        self._aligner_loader = aligner_loader
         self._bridge_loader = bridge_loader
         self._bridge_lock = threading.Lock()
         self._bridge: Any = None
         self._bridge_reason: str | None = None
-        self.bridge_dir = find_bridge_dir(self.run_dir)
         self._encode_lock = threading.Lock()
+        self._text_memo: dict[tuple[str, ...], np.ndarray] = {}
+        if background:
+            threading.Thread(target=self._load_parts, args=(warm,), daemon=True, name="serve-loader").start()
+        else:
+            self._load_parts(warm)
+
+    def _load_parts(self, warm: bool) -> None:
+        """Rebuild the trained aligners (then, with ``warm``, load and run the frozen encoders once)."""
+        try:
+            for name in self.names:
+                if name not in self._models:
+                    try:
+                        self._models[name] = self._aligner_loader(self.align_dir, name)
+                    except Unavailable as e:
+                        self._live_reason[name] = str(e)
+        finally:
+            self._loaded.set()
         if warm:
-            threading.Thread(target=self.warm_up, daemon=True).start()
+            self.warm_up()
 
     # ----------------------------------------------------------------- loading
 
@@ -184,9 +204,11 @@ class RunSource:
         from experiments.config import DataSection
         from experiments.views import EncodersSection
 
-        if (self.align_dir / "config.json").is_file():
-            cfg = _read_json(self.run_dir, self.align_dir / "config.json")
+        if (self.config_dir / "config.json").is_file():
+            cfg = _read_json(self.run_dir, self.config_dir / "config.json")
             data, encoders, cache_dir = cfg.get("data") or self.data, cfg.get("encoders") or {}, cfg.get("cache_dir")
+        elif self.align_dir is None:  # a bridge run: its config is inside results.json; its encoders are its own
+            data, encoders, cache_dir = self.data, {}, self.results["config"].get("cache_dir")
         else:
             data, encoders, cache_dir = self.data, {}, None
         from align.weights import cache_root
@@ -201,7 +223,7 @@ class RunSource:
         section, self.encoders, cache = self._run_sections()
         views = pair_views(section, self.encoders, cache)
         if views.src.images is None:
-            raise ValueError(f"{self.align_dir}: data {section.name!r} (view {self.data.get('view', 'image_text')!r}) "
+            raise ValueError(f"{self.config_dir}: data {section.name!r} (view {self.data.get('view', 'image_text')!r}) "
                              "has no images and captions to show")
         idx = views.split_index("test")
         captions, owner = views.captions("test")
@@ -272,9 +294,11 @@ class RunSource:
 
     def live(self, name: str) -> bool:
         """True when ``name`` can encode new captions and images (a trained model is loaded)."""
+        self._loaded.wait()
         return name in self._models
 
     def live_reason(self, name: str) -> str | None:
+        self._loaded.wait()
         return self._live_reason.get(name)
 
     def caption_rows(self, text: str) -> list[int]:
@@ -302,10 +326,20 @@ class RunSource:
             elif kind == "graph":
                 x = self.graph_builder.build(texts, progress=False)
             elif kind == "vector":
-                x = self.text_encoder.encode(texts, kinds=("pooled",))["pooled"]
+                x = self._text_features(tuple(texts))
             else:
                 raise Unavailable(f"{name}: text input kind {kind!r} cannot be encoded live")
             return _unit(_encode(model, "text", x))
+
+    def _text_features(self, texts: tuple[str, ...]) -> np.ndarray:
+        """Frozen text-encoder features [n, d] of ``texts``, shared by every aligner of one request (last 64 kept)."""
+        feats = self._text_memo.get(texts)
+        if feats is None:
+            feats = self.text_encoder.encode(list(texts), kinds=("pooled",))["pooled"]
+            if len(self._text_memo) >= 64:
+                self._text_memo.pop(next(iter(self._text_memo)))
+            self._text_memo[texts] = feats
+        return feats
 
     def encode_images(self, name: str, images: np.ndarray) -> np.ndarray:
         """Aligner ``name``'s unit embeddings [n, D] of uint8 images [n, S, S, 3] (S = the gallery's size)."""
@@ -382,6 +416,9 @@ class _TiledImages:
     def __getitem__(self, index: Any) -> np.ndarray:
         rows = np.arange(self.length)[index]
         return self.images[rows % len(self.images)]
+
+    def base_row(self, row: int) -> int:
+        return int(row) % len(self.images)
 
 
 def _input_kind(model: Any, key: str) -> str:

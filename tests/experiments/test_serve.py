@@ -336,7 +336,30 @@ def test_old_run_without_checkpoints_or_bridge_says_why(old_server):
     answer, result = old_server.call("ask", 1, None, "what is it?")
     assert "no LLM bridge run" in answer and "alignfuse demo" in answer
     page = old_server.http.get("/").text + json.dumps(old_server.http.get("/config").json())
-    assert "Not available for this run" in page and "saved test embeddings only" in page
+    assert "Not available for this run" in page  # the ask tab says why
+    from experiments.serve.app import _status  # the status line the page loads
+
+    status = _status(src)
+    assert "Encoded live: none" in status and "older version" in status
+
+
+def test_bridge_run_without_aligners_serves_the_ask_tab(tmp_path, run_dir):
+    """A bridge run alone: its config's data gives the gallery; retrieval says there are no aligners."""
+    data = json.loads((run_dir / "config.json").read_text())["data"]
+    bridge = tmp_path / "bridge_run"
+    bridge.mkdir()
+    (bridge / "results.json").write_text(json.dumps({"config": {"data": data}, "runs": {}}))
+    lm = EchoLM()
+    src = RunSource(bridge, bridge_loader=lambda d: lm)
+    assert src.names == [] and len(src.gallery.images) == 8
+    with pytest.raises(Unavailable, match="no aligners"):
+        actions.text_to_images(src, "a red circle", 3)
+    with pytest.raises(Unavailable, match="no aligners"):
+        actions.image_to_captions(src, 0, None, 3)
+    assert actions.ask(src, 2, None, "what is it?")["answer"] == "1x64x64 uint8: what is it?"
+    without = RunSource(bridge, bridge_loader=lambda d: (_ for _ in ()).throw(Unavailable("no model/ saved")))
+    with pytest.raises(Unavailable, match="no model/ saved"):
+        actions.caption(without, 0, None)
 
 
 def test_not_a_run_dir_fails_with_a_clear_cli_error(tmp_path, capsys, run_dir):
@@ -345,7 +368,7 @@ def test_not_a_run_dir_fails_with_a_clear_cli_error(tmp_path, capsys, run_dir):
     assert main(["serve", str(tmp_path / "nope")]) == 2
     assert "no such run directory" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 2
-    assert "not an align or demo run" in capsys.readouterr().err
+    assert "not a demo, align or bridge run" in capsys.readouterr().err
     run = tmp_path / "bad"
     old_copy(run_dir, run)
     np.save(run / "embeddings" / "cca" / "image_emb.npy", np.zeros((3, 6), np.float32))
@@ -385,6 +408,7 @@ def test_page_in_headless_chromium(server, tmp_path):
     try:
         wait = WebDriverWait(driver, 60)
         driver.get(server.url)
+        wait.until(lambda d: "Encoded live: cca, clip" in d.find_element(By.ID, "af-status").text)
         box = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#af-query textarea, #af-query input")))
         box.send_keys(server.src.gallery.captions[0])
         driver.find_element(By.ID, "af-search").click()
