@@ -86,18 +86,18 @@ def build_app(src: RunSource, upload_root: str | Path | None = None):
             result["_uri"] = image_uri(image, 96)
         return result
 
-    def picker(label: str):
+    def picker(label: str, with_upload: bool = True):
         gallery = gr.Gallery(picks, label=f"{label}: pick a test image", columns=12, height=210,
                              allow_preview=False, object_fit="contain", format="png")
         with gr.Row():
             row = gr.Number(0, label=f"gallery image # (0-{len(src.gallery.images) - 1})", precision=0)
             upload = gr.File(label="…or upload a PNG/JPEG (up to 10 MB)", file_types=[".png", ".jpg", ".jpeg"],
-                             type="filepath", height=90)
+                             type="filepath", height=120) if with_upload else None
 
         def selected(evt: gr.SelectData):
-            return evt.index, None
+            return (evt.index, None) if with_upload else evt.index
 
-        gallery.select(selected, None, [row, upload], api_visibility="private")
+        gallery.select(selected, None, [row, upload] if with_upload else row, api_visibility="private")
         return row, upload
 
     with gr.Blocks(title=f"alignfuse · {src.run_dir.name}", analytics_enabled=False) as app:
@@ -134,7 +134,7 @@ def build_app(src: RunSource, upload_root: str | Path | None = None):
         with gr.Tab("Binding probe", id="probe"):
             gr.Markdown("Edit a true caption (swap two colours, reverse a relation) and see whether each aligner "
                         "still prefers the true one for this image.")
-            row_p, _ = picker("Binding probe")
+            row_p, _ = picker("Binding probe", with_upload=False)
             with gr.Row():
                 cap = gr.Textbox(label="caption", elem_id="af-probe-caption")
                 edited = gr.Textbox(label="edited caption", elem_id="af-probe-edited")

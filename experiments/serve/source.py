@@ -151,7 +151,11 @@ class RunSource:
         # the run whose config describes the data: the align run, else the bridge run (no aligners to show)
         self.config_dir = self.align_dir or self.bridge_dir
         self.results = _read_json(self.run_dir, self.config_dir / "results.json")
-        self.data = self.results.get("data") if self.align_dir else (self.results.get("config") or {}).get("data")
+        if self.align_dir:
+            self.data = self.results.get("data")
+        else:  # the bridge config's data section is ShapesWorld's options (it has no name)
+            bridge_data = (self.results.get("config") or {}).get("data")
+            self.data = {"name": "shapesworld", **bridge_data} if isinstance(bridge_data, dict) else None
         if not isinstance(self.data, dict) or "name" not in self.data:
             raise ValueError(f"{self.config_dir / 'results.json'}: no data section (a run from an older version?)")
         self.gallery = self._load_gallery()
@@ -368,9 +372,13 @@ class RunSource:
                     "(or serve a bridge run) to ask questions about images")
         if self._bridge_loader is load_trained_bridge:
             try:
-                import experiments.ask  # noqa: F401
+                from experiments.ask import find_model_dir
             except ImportError:
                 return "this alignfuse version cannot load trained bridges (experiments.ask is missing)"
+            try:
+                find_model_dir(self.bridge_dir)
+            except FileNotFoundError as e:
+                return f"the bridge run saved no trained model: {e}"
         return None
 
     def bridge(self) -> Any:

@@ -362,6 +362,31 @@ def test_bridge_run_without_aligners_serves_the_ask_tab(tmp_path, run_dir):
         actions.caption(without, 0, None)
 
 
+@pytest.mark.slow
+def test_ask_a_trained_tiny_bridge(tmp_path):
+    """The real path: a bridge run (tiny LM, 3 + 2 steps) saved by its runner, loaded by experiments.ask.load_bridge."""
+    from experiments.runners import bridge
+
+    cfg = {"data": {"n_scenes": 40, "image_size": 64}, "vision": {"tokens": 4},
+           "llm": {"name_or_path": "tiny", "max_caption_tokens": 12, "prompt": "Caption:"},
+           "seeding": {"n_components": 4, "scales": [1.0], "n_calibration_captions": 4},
+           "connectors": ["mlp2x_gelu"], "inits": ["seeded"],
+           "train": {"max_steps": 3, "batch_size": 4, "eval_every": 3, "progress": False},
+           "eval": {"n_eval_images": 4, "captions_per_image": 1, "max_new_tokens": 3, "n_val_captions": 4,
+                    "n_examples": 4},
+           "stage2": {"n_eval_scenes": 4, "inits": ["seeded"], "train": {"max_steps": 2, "batch_size": 4,
+                                                                          "progress": False}},
+           "out_dir": str(tmp_path / "bridge_run"), "cache_dir": str(tmp_path / "cache")}
+    bridge.run(bridge.load(cfg))
+    src = RunSource(tmp_path / "bridge_run")
+    assert src.bridge_status() is None and src.names == []
+    answer = actions.ask(src, 1, None, "what colour is the shape?")
+    assert isinstance(answer["answer"], str) and answer["image"] == "gallery image 1"
+    assert isinstance(actions.caption(src, 0, None)["caption"], str)
+    with pytest.raises(actions.ServeError, match="empty"):
+        actions.ask(src, 1, None, " ")
+
+
 def test_not_a_run_dir_fails_with_a_clear_cli_error(tmp_path, capsys, run_dir):
     from experiments.cli import main
 
