@@ -56,8 +56,8 @@ def test_results_json_schema(demo):
     for name, r in task.items():
         assert isinstance(r["accuracy"], float) and isinstance(r["params"], int)
         assert set(r["missing_modality"]) == {"image", "depth"}, name
-    assert set(saved["bridge"]) == {"mlp2x_gelu/seeded", "mlp2x_gelu/random"}
-    for r in saved["bridge"].values():
+    assert {"mlp2x_gelu/seeded", "mlp2x_gelu/random"} <= set(saved["bridge"])
+    for r in (saved["bridge"][k] for k in ("mlp2x_gelu/seeded", "mlp2x_gelu/random")):
         for key in ("caption_nll_step0", "caption_nll", "no_image_nll", "attribute_accuracy"):
             assert isinstance(r[key], float), key
 
