@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from experiments.retrieval import RetrievalRanks, hard_negative_metrics, metrics_from_ranks, retrieval_metrics
+from experiments.retrieval import hard_negative_metrics, metrics_from_ranks, ranks_from_scores, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,6 @@ def itm_pair_scores(model, grid: Any, texts: Sequence[str], image_rows: np.ndarr
         g = torch.as_tensor(np.asarray(grid[np.asarray(image_rows[s:e])], dtype=np.float32))
         out[s:e] = model.itm_scores(g, [texts[int(j)] for j in text_rows[s:e]]).cpu().numpy()
     return out
-
-
-def ranks_from_scores(i2t_scores: np.ndarray, t2i_scores: np.ndarray, text_to_image: np.ndarray) -> RetrievalRanks:
-    """Exact ranks (ties in the query's favour, as :mod:`experiments.retrieval`) from score matrices
-    [N_img, N_txt]: image → text ranks read rows of ``i2t_scores`` (an image's rank is that of its best
-    caption), text → image ranks read columns of ``t2i_scores``."""
-    g = np.asarray(text_to_image, dtype=np.int64)
-    n_img, n_txt = i2t_scores.shape
-    cols = np.arange(n_txt)
-    true_t2i = t2i_scores[g, cols]
-    t2i = 1 + (t2i_scores > true_t2i[None, :]).sum(0)
-    best = np.full(n_img, -np.inf)
-    np.maximum.at(best, g, i2t_scores[g, cols])
-    i2t = 1 + (i2t_scores > best[:, None]).sum(1)
-    return RetrievalRanks(image_to_text=i2t, text_to_image=t2i)
 
 
 def rerank_scores(model, grid: Any, texts: Sequence[str], itc: np.ndarray, k: int = 16, batch_size: int = 64
