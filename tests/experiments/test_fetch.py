@@ -106,7 +106,7 @@ def test_deb_fetch_keeps_only_data_files_with_a_manifest_and_is_idempotent(tmp_p
                                         for k in ("images-idx3", "labels-idx1"))
     assert not (where / "README.md").exists() and (where / "LICENCE-dataset-fashion-mnist-copyright").is_file()
     digest = m["files"]["t10k-labels-idx1-ubyte.gz"]["sha256"]
-    assert digest == fetch_mod.sha256(where / "t10k-labels-idx1-ubyte.gz")
+    assert digest == fetch_mod.sha256_file(where / "t10k-labels-idx1-ubyte.gz")
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     assert fetch("fashion_mnist", cache_dir=cache, downloader=serve(tiny_deb, calls)) == where
     assert calls == ["dataset-fashion-mnist"]  # second call: nothing downloaded

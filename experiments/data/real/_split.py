@@ -3,23 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from experiments.data._common import stratified_take
 
-def stratified_take(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``rows`` into (rest, taken): ``fraction`` of each class's rows taken (shuffled with ``seed``); both sorted
-    int64. A class with two or more rows gives at least one row when ``fraction > 0``."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"a split fraction must be in [0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
-    taken = []
-    for c in np.unique(labels[rows]):
-        r = rows[labels[rows] == c]
-        r = r[rng.permutation(len(r))]
-        k = int(round(fraction * len(r)))
-        if fraction > 0 and k == 0 and len(r) >= 2:
-            k = 1
-        taken.append(r[:k])
-    took = np.sort(np.concatenate(taken)).astype(np.int64) if taken else np.zeros(0, np.int64)
-    return np.setdiff1d(rows, took).astype(np.int64), took
+__all__ = ["stratified_take", "train_val_test"]
 
 
 def train_val_test(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
