@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from align.base import is_closed_form
 from experiments import distributed as D
 from experiments.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, seed_everything, set_rng_state
+from experiments.config import TrainSection
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ NO_DECAY_NAMES = frozenset({"logit_scale", "logit_bias"})
 # config fields that change the optimisation trajectory: a resume with other values is not exact
 _TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "grad_clip",
                       "grad_accum", "seed", "drop_last", "max_steps", "epochs")
+
+#: the one home of the training defaults is the config model; TrainConfig (plain types, stored in checkpoints)
+#: takes its defaults from it
+_DEFAULTS = TrainSection()
 
 
 @dataclass
@@ -60,31 +65,31 @@ class TrainConfig:
     ``last.pt`` and raises ``KeyboardInterrupt``; ``fit`` again resumes there.
     """
 
-    max_steps: int | None = None
-    epochs: int = 1
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = None
-    grad_accum: int = 1
-    eval_every: int | None = None
-    early_stopping_patience: int | None = None
-    monitor: str = "rsum"
-    mode: str = "max"
+    max_steps: int | None = _DEFAULTS.max_steps
+    epochs: int = _DEFAULTS.epochs
+    batch_size: int = _DEFAULTS.batch_size
+    lr: float = _DEFAULTS.lr
+    weight_decay: float = _DEFAULTS.weight_decay
+    betas: tuple[float, float] = _DEFAULTS.betas
+    warmup_steps: int = _DEFAULTS.warmup_steps
+    min_lr_ratio: float = _DEFAULTS.min_lr_ratio
+    grad_clip: float | None = _DEFAULTS.grad_clip
+    grad_accum: int = _DEFAULTS.grad_accum
+    eval_every: int | None = _DEFAULTS.eval_every
+    early_stopping_patience: int | None = _DEFAULTS.early_stopping_patience
+    monitor: str = _DEFAULTS.monitor
+    mode: str = _DEFAULTS.mode
     out_dir: str | Path | None = None
-    save_every: int | None = 100
-    keep_best: bool = True
+    save_every: int | None = _DEFAULTS.save_every
+    keep_best: bool = _DEFAULTS.keep_best
     seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    num_workers: int = 0
-    log_every: int = 10
-    progress: bool = True
-    drop_last: bool = False
-    find_unused_parameters: bool = False  # passed to DistributedDataParallel
+    device: str = _DEFAULTS.device
+    precision: str = _DEFAULTS.precision
+    num_workers: int = _DEFAULTS.num_workers
+    log_every: int = _DEFAULTS.log_every
+    progress: bool = _DEFAULTS.progress
+    drop_last: bool = _DEFAULTS.drop_last
+    find_unused_parameters: bool = _DEFAULTS.find_unused_parameters  # passed to DistributedDataParallel
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "log_every", "epochs"):
