@@ -20,6 +20,12 @@ negative ``t_j`` it is exactly ``relu(t_j.Mv - t_y.Mv + margin)``. Which negativ
 * ``negatives="hardest"`` — only the most violating wrong label per image, mined with pml's
   ``BatchHardMiner`` (the max-of-hinges variant of VSE++, Faghri et al. 2018).
 
+Targets (``targets``): ``"labels"`` (the paper) maps each image onto the embedding of its class name;
+``"captions"`` onto the frozen embedding of its own caption, the other (distinct) captions of the batch being
+the wrong labels of the same hinge rank loss. The second is DeViSE with sentence embeddings as the label set
+(still a map into a frozen text space, unlike CLIP's two trained heads and InfoNCE): on captioned data the
+class-name targets can only find a caption's category, the caption targets can find the caption.
+
 Zero-shot evaluation (``flat_hit_at_k``, ``zero_shot_eval``) follows the paper's "flat hit@k":
 the fraction of test images whose true label is among the k nearest label embeddings.
 """
@@ -88,8 +94,11 @@ class DeViSE(GradientAligner):
         hidden: ``None`` for the paper's linear map ``M`` (no bias); an int for an MLP
             ``Linear → ReLU → Linear`` with that hidden width.
         negatives: ``"all"`` (paper) or ``"hardest"``; see :class:`HingeRankLoss`.
+        targets: ``"labels"`` (paper: class-name embeddings) or ``"captions"`` (each image's own caption
+            embedding, the batch's other distinct captions as negatives; see the module docstring).
 
-    Batch: ``"image"`` float ``[B, image_dim]`` and ``"label"`` int ``[B]`` in ``[0, C)``.
+    Batch: ``"image"`` float ``[B, image_dim]`` and ``"label"`` int ``[B]`` in ``[0, C)``; with
+    ``targets="captions"``, ``"text"`` float ``[B, d_txt]`` (the captions' frozen embeddings) instead of labels.
     """
 
     inputs = {"image": "vector", "text": "vector", "label": "class"}
@@ -109,8 +118,12 @@ class DeViSE(GradientAligner):
         margin: float = 0.1,
         hidden: int | None = None,
         negatives: str = "all",
+        targets: str = "labels",
     ) -> None:
         super().__init__()
+        if targets not in ("labels", "captions"):
+            raise ValueError(f"targets must be 'labels' or 'captions', got {targets!r}")
+        self.targets = targets
         class_embeddings = torch.as_tensor(class_embeddings, dtype=torch.float32)
         if class_embeddings.dim() != 2 or class_embeddings.shape[0] < 2:
             raise ValueError(f"class_embeddings must be [C >= 2, d_txt], got shape {tuple(class_embeddings.shape)}")
@@ -154,7 +167,10 @@ class DeViSE(GradientAligner):
         return self._map(x) @ self._label_space(class_embeddings).T
 
     def loss(self, batch: dict) -> Tensor:
-        """Hinge rank loss of ``batch["image"]`` against the label embeddings of ``batch["label"]``."""
+        """Hinge rank loss of ``batch["image"]`` against the label embeddings of ``batch["label"]`` (or, with
+        ``targets="captions"``, against the batch's distinct caption embeddings ``batch["text"]``)."""
+        if self.targets == "captions":
+            return self._caption_loss(batch)
         x, labels = batch["image"], torch.as_tensor(batch["label"])
         if labels.dim() != 1 or len(labels) != len(x):
             raise ValueError(f"label must be [B={len(x)}] ints, got shape {tuple(labels.shape)}")
@@ -163,6 +179,17 @@ class DeViSE(GradientAligner):
                              f"in [{labels.min().item()}, {labels.max().item()}]")
         labels = labels.long().to(self.class_embeddings.device)
         return self.criterion(self._map(x), labels, self.class_embeddings)
+
+    def _caption_loss(self, batch: dict) -> Tensor:
+        x, t = batch["image"], torch.as_tensor(batch["text"])
+        if t.dim() != 2 or t.shape != (len(x), self.text_dim):
+            raise ValueError(f"text must be caption embeddings [B={len(x)}, {self.text_dim}], got {tuple(t.shape)}")
+        t = F.normalize(t.to(self.class_embeddings.device, torch.float32), dim=-1)
+        # a caption repeated in the batch ("A frog.") is one label, not a negative of itself
+        labels_space, labels = torch.unique(t, dim=0, return_inverse=True)
+        if len(labels_space) < 2:
+            raise ValueError("targets='captions' needs at least two distinct captions in a batch")
+        return self.criterion(self._map(x), labels, labels_space)
 
     @torch.no_grad()
     def predict(self, x: Tensor, class_embeddings: Tensor | None = None, k: int = 5) -> Tensor:
