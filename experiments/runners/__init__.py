@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib
 
 RUNNERS = {"align": "experiments.runners.align", "fusion": "experiments.runners.fusion",
-           "bridge": "experiments.runners.bridge"}
+           "bridge": "experiments.runners.bridge",
+           "zero_shot": "experiments.runners.zero_shot"}
 
 
 def runner_module(experiment: str):
