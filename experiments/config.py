@@ -145,13 +145,30 @@ class DataSection(Section):
 
 class RunConfig(Section):
     """Fields every runner config has. ``seeds``: distinct non-negative ints; ``out_dir``: checkpoints, per-unit
-    results and reports (rerunning the same command resumes there); ``cache_dir``: dataset and feature caches."""
+    results and reports (rerunning the same command resumes there); ``cache_dir``: dataset and feature caches;
+    ``plugins``: the user's own modules (names on ``sys.path`` or ``.py`` paths) imported before validation, so
+    the parts they register (``@ALIGNERS.register(...)``, ...) can be selected; ``$ALIGNFUSE_PLUGINS``
+    (comma separated) adds more (:func:`align.registry.import_plugins`)."""
 
     experiment: str
     out_dir: str
     cache_dir: Optional[str] = None
     seeds: list[NonNegInt] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     train: TrainSection = TrainSection()
+    plugins: list[str] = Field(default_factory=list, validate_default=True)
+
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, v: list[str]) -> list[str]:
+        """Import the user's part modules (and ``$ALIGNFUSE_PLUGINS``) before the runner checks part names."""
+        from align.registry import import_plugins, plugin_names
+
+        names = plugin_names(v)
+        try:
+            import_plugins(names)
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        return names
 
     @field_validator("seeds")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 from align.registry import Registry
 
 LEVELS = ("data", "feature", "decision")
-FUSIONS: Registry = Registry("fusion strategy")
+FUSIONS: Registry = Registry("fusion strategy", package="fusion", symbol="FUSIONS")  # discovers fusion/*.py
 
 
 def build_fusion(name: str, **cfg):
