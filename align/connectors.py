@@ -49,7 +49,7 @@ from align.seeding import (MLP_MODES, RESAMPLER_BLOCKS, AffineMap, flat_tokens, 
 
 log = logging.getLogger(__name__)
 
-CONNECTORS: Registry = Registry("connector")
+CONNECTORS: Registry = Registry("connector", package="align", symbol="CONNECTORS")  # discovers align/*.py
 
 class Connector:
     """Mixin of every connector (used with ``nn.Module`` subclasses).
