@@ -13,7 +13,7 @@ import importlib
 
 RUNNERS = {"align": "experiments.runners.align", "fusion": "experiments.runners.fusion",
            "bridge": "experiments.runners.bridge",
-           "zero_shot": "experiments.runners.zero_shot"}
+           "zero_shot": "experiments.runners.zero_shot", "cca": "experiments.runners.cca"}
 
 
 def runner_module(experiment: str):
