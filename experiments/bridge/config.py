@@ -44,7 +44,8 @@ class MethodConfig(Section):
     extra loss weight on colour/shape words."""
 
     style_tokens: NonNegInt = 4  # free learned tokens after the image (absorb what every caption shares)
-    connector_lr_scale: PositiveFloat = 1.0  # connector lr = train.lr * this (style tokens: train.lr)
+    connector_lr_scale: NonNegFloat = 1.0  # connector lr = train.lr * this (0: the connector stays as initialised)
+    style_lr_scale: NonNegFloat = 1.0  # style tokens' lr = train.lr * this
     content_weight: NonNegFloat = 1.0  # loss weight of colour/shape word tokens (1: plain mean)
 
 
@@ -119,7 +120,8 @@ class Config(RunConfig):
 
 
 def validate(cfg: Config, where: str) -> Config:
-    """Registry checks: connector names and options, the vision encoder (an image encoder with grid features)."""
+    """Registry checks: connector names and options (names, types and values, :mod:`experiments.part_options`),
+    the vision encoder (an image encoder with grid features)."""
     from align.connectors import CONNECTORS
     from experiments.features import ENCODERS
 
@@ -135,9 +137,11 @@ def validate(cfg: Config, where: str) -> Config:
         for name in names:
             if name not in known:
                 raise ConfigError(f"{where}: unknown connector {name!r} in {key}; known connectors: {', '.join(known)}")
-    for name, opts in cfg.connector_options.items():
-        check_kwargs(CONNECTORS.get(name), opts, f"{where}.connector_options.{name}",
-                     skip=("vision_dim", "lm_dim", "num_lm_layers"))
+    from experiments.part_options import check_connector_options
+
+    for name in dict.fromkeys([*cfg.connectors, *cfg.connector_options]):  # names, types and values (dry build)
+        check_connector_options(name, cfg.connector_options.get(name) or {}, f"connector_options.{name}",
+                                source=where)
     if cfg.stage2.connector is not None and cfg.stage2.connector not in cfg.connectors:
         raise ConfigError(f"{where}: stage2.connector {cfg.stage2.connector!r} is not in connectors {cfg.connectors}")
     if cfg.vision.tokens is not None and round(cfg.vision.tokens ** 0.5) ** 2 != cfg.vision.tokens:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from experiments.config import ConfigError, DataSection, RunConfig, TrainSection, check_kwargs, dump, load_config
+from experiments.config import ConfigError, DataSection, RunConfig, TrainSection, dump, load_config
+from experiments.part_options import check_aligner_options
 from experiments.views import EncodersSection, check_data_section, check_encoders
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class Config(RunConfig):
 
 
 def validate(cfg: Config, where: str = "config") -> None:
-    """Data, encoders, every aligner name, option and per-aligner ``train`` section; ConfigError on any problem."""
+    """Data, encoders, every aligner name, option (name, type and value: :mod:`experiments.part_options`) and
+    per-aligner ``train`` section; ConfigError on any problem."""
     from align.base import ALIGNERS
 
     check_data_section(cfg.data, where)
@@ -57,10 +59,9 @@ def validate(cfg: Config, where: str = "config") -> None:
     for name, section in cfg.aligners.items():
         if name not in ALIGNERS:
             raise ConfigError(f"{where}: unknown aligner {name!r}; known aligners: {', '.join(ALIGNERS.names())}")
-        cls = ALIGNERS.get(name)
-        check_kwargs(cls.__init__, model_kwargs(section), f"aligners.{name}", skip=tuple(cls.auto_inputs))
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"{where}: aligners.{name} must be a mapping of options (or null), got {section!r}")
+        check_aligner_options(name, model_kwargs(section), f"aligners.{name}", source=where)
         cfg.train.merged((section or {}).get("train"), where, f"aligners.{name}.train")
         for r in (section or {}).get("pairing_ratios") or []:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:

@@ -31,6 +31,7 @@ from pydantic import Field
 import fusion
 from experiments.config import ConfigError, DataSection, Fraction, NonNegFloat, PositiveInt, RunConfig, Section, \
     TrainSection, check_kwargs, dump, load_config
+from experiments.part_options import check_fusion_options
 from experiments.classify import corrupt  # noqa: F401  (re-exported: the corruption used by the robustness curves)
 from experiments.tasks import DEFAULT_MODALITIES, TASK_MODALITIES, known_tasks
 from experiments.views import EncodersSection, check_data_section, check_encoders
@@ -134,6 +135,7 @@ def validate(cfg: Config, where: str = "config") -> None:
         cv = kwargs.get("cv")
         if cv is not None and (isinstance(cv, bool) or not isinstance(cv, int) or cv < 2):
             raise ConfigError(f"{key}.cv must be an int >= 2 (number of shuffled stratified folds), got {cv!r}")
+        check_fusion_options(cls, kwargs, key, modalities=("view_a",) if name == UNIMODAL else ())
     for name in cfg.grid_tokens:
         if name not in fusion.FUSIONS or fusion.FUSIONS.get(name).level != "feature":
             feats = [n for n in fusion.FUSIONS.names() if fusion.FUSIONS.get(n).level == "feature"]
