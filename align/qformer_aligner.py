@@ -13,8 +13,10 @@ config (a zero weight skips the term):
   plus for each image a hard negative caption and for each caption a hard negative image, drawn with
   probability ``softmax(ITC similarity)`` over candidates that are *not* positives — another caption of
   the same image, or an identical caption string, is never a negative (:func:`mine_hard_negatives`);
-  A batch may also carry ``"hard_negative"`` (one false caption per row, ``""`` for none): extra ITM
-  negatives for that row's image (not in BLIP-2; NegCLIP-style compositional negatives from training data);
+  A batch may also carry ``"hard_negative"`` (per row a false caption of that row's image, ``""`` for none, or a
+  list of them, one drawn per step): extra ITM negatives (not in BLIP-2; NegCLIP-style compositional negatives
+  from training data), and ``"hard_negative_source"`` (the true caption each was edited from, aligned with
+  ``"hard_negative"``): an extra ITM positive, so the head sees the true caption and its minimal edit side by side;
 * ``itg`` — captioning with the multimodal-causal mask (text sees every query and the text before it),
   LM head tied to the word embeddings (BERT's prediction head transform is new); ``itg_vocab="batch"``
   scores only the tokens of the batch's captions (a cheaper sampled softmax for CPUs, default ``"full"``);
@@ -91,6 +93,28 @@ def mine_hard_negatives(sim: Tensor, positive: Tensor, sample: bool = True,
     return out
 
 
+def given_pairs(batch: Mapping[str, Any]) -> tuple[list[int], list[str], list[int]]:
+    """Extra ITM pairs from ``batch["hard_negative"]`` (and ``"hard_negative_source"``): (image rows, captions,
+    labels 1 = match). Each row holds a caption (``""``: none) or a list of them, of which one is drawn
+    (``torch`` RNG) with its source at the same position."""
+    negs, srcs = batch.get("hard_negative"), batch.get("hard_negative_source")
+    rows: list[int] = []
+    texts: list[str] = []
+    match: list[int] = []
+    for i, neg in enumerate(negs or []):
+        src = None if srcs is None else srcs[i]
+        if isinstance(neg, (list, tuple)):
+            if not neg:
+                continue
+            j = int(torch.randint(len(neg), ()))
+            neg, src = neg[j], (None if src is None else src[j])
+        if neg:
+            rows.append(i), texts.append(neg), match.append(0)
+            if src:
+                rows.append(i), texts.append(src), match.append(1)
+    return rows, texts, match
+
+
 def _group_ids(x: Tensor) -> Tensor:
     """Integer id per row of ``x`` [B, ...], equal for identical rows (the same image repeated in a batch)."""
     return torch.unique(x.reshape(x.shape[0], -1), dim=0, return_inverse=True)[1]
@@ -112,6 +136,9 @@ class QFormerAligner(GradientAligner):
             ``ffn_dim`` may shrink the model, e.g. for tests). model_dir: another BERT directory.
         itg_vocab: ``"full"`` (softmax over the whole vocabulary) or ``"batch"`` (over the batch's tokens).
         itm_sample: draw hard negatives from softmax(similarity) (BLIP-2) or take the hardest (False).
+        rerank_k: ITM re-ranks each query's top ``rerank_k`` ITC candidates at evaluation (BLIP: 16 to 256).
+        grid_positions: learned position embeddings for up to this many grid cells (0: none; see
+            :class:`align.qformer_model.QFormerModel`).
         text_pool: the text's ITC embedding: ``"mean"`` of the token outputs (how all-MiniLM-L6-v2 was trained to
             embed sentences; its [CLS] output barely differs between captions, and ITC did not leave chance in
             60 steps from it) or ``"cls"`` (BLIP-2, whose BERT was not a sentence encoder).
@@ -137,7 +164,8 @@ class QFormerAligner(GradientAligner):
                  heads: int | None = None, ffn_dim: int | None = None, dropout: float = 0.1,
                  query_ffn: bool = True, itg_vocab: str = "full", itm_sample: bool = True, text_pool: str = "mean",
                  init_logit_scale: float = INIT_LOGIT_SCALE, max_logit_scale: float = 100.0,
-                 local_loss: bool = False, gather_with_grad: bool = False) -> None:
+                 local_loss: bool = False, gather_with_grad: bool = False, rerank_k: int = 16,
+                 grid_positions: int = 256) -> None:
         super().__init__()
         if init not in ("minilm", "random"):
             raise ValueError(f"init must be 'minilm' or 'random', got {init!r}")
@@ -149,6 +177,8 @@ class QFormerAligner(GradientAligner):
             raise ValueError("cls_weight > 0 needs num_classes (or class embeddings through from_inputs)")
         if min(itc_weight, itm_weight, itg_weight, cls_weight) < 0:
             raise ValueError("objective weights must be >= 0")
+        if rerank_k < 1 or grid_positions < 0:
+            raise ValueError(f"rerank_k must be >= 1 and grid_positions >= 0, got {rerank_k}, {grid_positions}")
         bert = minilm_config(model_dir)
         if init == "minilm" and any(v is not None and v != bert[k] for v, k in (
                 (hidden, "hidden_size"), (heads, "num_attention_heads"), (ffn_dim, "intermediate_size"))):
@@ -157,14 +187,14 @@ class QFormerAligner(GradientAligner):
         self.weights = {"itc": float(itc_weight), "itm": float(itm_weight), "itg": float(itg_weight),
                         "cls": float(cls_weight)}
         self.itg_vocab, self.itm_sample, self.max_logit_scale = itg_vocab, itm_sample, max_logit_scale
-        self.text_pool = text_pool
+        self.text_pool, self.rerank_k = text_pool, int(rerank_k)
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.qformer = QFormerModel(
             image_dim, num_queries=num_queries, num_layers=num_layers, cross_every=cross_every,
             hidden=hidden or bert["hidden_size"], heads=heads or bert["num_attention_heads"],
             ffn_dim=ffn_dim or bert["intermediate_size"], vocab_size=bert["vocab_size"],
             max_positions=bert["max_position_embeddings"], eps=bert["layer_norm_eps"], dropout=dropout,
-            query_ffn=query_ffn)
+            query_ffn=query_ffn, grid_positions=grid_positions)
         self.new_parameters = load_minilm_weights(self.qformer, model_dir) if init == "minilm" else None
         h = self.qformer.hidden
         self.vision_proj = nn.Linear(h, embed_dim)
@@ -315,13 +345,17 @@ class QFormerAligner(GradientAligner):
         t_idx = torch.cat([b, neg_txt[neg_txt >= 0], b[neg_img >= 0]])
         labels = torch.zeros(len(i_idx), dtype=torch.long, device=grid.device)
         labels[: len(b)] = 1
-        logits = self.itm_logits(grid[i_idx], ids[t_idx], mask[t_idx])
-        extra = [i for i, t in enumerate(batch.get("hard_negative") or []) if t]
-        if extra:  # given false captions of the batch's images (e.g. ShapesWorld's training hard negatives)
-            h_ids, h_mask = self.tokenize([batch["hard_negative"][i] for i in extra])
-            logits = torch.cat([logits, self.itm_logits(grid[extra], h_ids, h_mask)])
-            labels = torch.cat([labels, labels.new_zeros(len(extra))])
-        return F.cross_entropy(logits, labels)
+        rows, texts, match = given_pairs(batch)
+        if rows:  # given false captions of the batch's images (and their true sources)
+            i_idx = torch.cat([i_idx, torch.as_tensor(rows, device=grid.device)])
+            labels = torch.cat([labels, torch.as_tensor(match, dtype=torch.long, device=grid.device)])
+            h_ids, h_mask = self.tokenize(texts)
+            n = max(ids.shape[1], h_ids.shape[1])
+            ids = torch.cat([F.pad(ids[t_idx], (0, n - ids.shape[1])), F.pad(h_ids, (0, n - h_ids.shape[1]))])
+            mask = torch.cat([F.pad(mask[t_idx], (0, n - mask.shape[1])), F.pad(h_mask, (0, n - h_mask.shape[1]))])
+        else:
+            ids, mask = ids[t_idx], mask[t_idx]
+        return F.cross_entropy(self.itm_logits(grid[i_idx], ids, mask), labels)
 
     def lm_logits(self, hidden: Tensor, vocab: Tensor | None = None) -> Tensor:
         """Next-token logits from text outputs [..., hidden] over the vocabulary (or the token ids ``vocab``)."""

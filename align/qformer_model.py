@@ -13,8 +13,8 @@ One stack of BERT layers (post-LayerNorm, as BERT) processes the concatenation `
 Embeddings: the text gets word + position (from 0) + token-type-0 embeddings; queries get no position;
 both pass the embedding LayerNorm (BLIP-2's ``BertEmbeddings`` with ``query_embeds``). With no queries
 the text path is exactly MiniLM's ``BertModel`` (:func:`load_minilm_weights` copies word/position/
-type-0 embeddings, the embedding LayerNorm and the first ``num_layers`` layers). The image grid is
-layer-normalised first (BLIP-2's ``ln_vision``). Cross-attention layers and queries start random.
+type-0 embeddings, the embedding LayerNorm and the first ``num_layers`` layers). Cross-attention layers, grid
+positions and queries start random.
 """
 from __future__ import annotations
 
@@ -148,11 +148,13 @@ class QFormerModel(nn.Module):
         hidden, heads, ffn_dim, vocab_size, max_positions, eps, dropout: BERT sizes (MiniLM-L6: 384, 12,
             1536, 30522, 512, 1e-12, 0.1).
         query_ffn: the queries have their own FFN (BLIP-2) instead of sharing the text's.
+        grid_positions: learned position embeddings for grids of up to this many cells (0: none).
     """
 
     def __init__(self, vision_dim: int, num_queries: int = 32, num_layers: int = 6, cross_every: int = 2,
                  hidden: int = 384, heads: int = 12, ffn_dim: int = 1536, vocab_size: int = 30522,
-                 max_positions: int = 512, eps: float = 1e-12, dropout: float = 0.1, query_ffn: bool = True) -> None:
+                 max_positions: int = 512, eps: float = 1e-12, dropout: float = 0.1, query_ffn: bool = True,
+                 grid_positions: int = 0) -> None:
         super().__init__()
         if num_queries < 1 or num_layers < 1 or cross_every < 1:
             raise ValueError(f"num_queries, num_layers and cross_every must be >= 1, got "
@@ -165,11 +167,14 @@ class QFormerModel(nn.Module):
         self.emb_drop = nn.Dropout(dropout)
         self.query_tokens = nn.Parameter(torch.randn(1, num_queries, hidden) * 0.02)
         self.vision_norm = nn.LayerNorm(vision_dim)
+        self.grid_positions = nn.Parameter(torch.zeros(grid_positions, vision_dim)) if grid_positions else None
         self.layers = nn.ModuleList(
             QFormerLayer(hidden, heads, ffn_dim, eps, dropout, vision_dim if i % cross_every == 0 else None, query_ffn)
             for i in range(num_layers))
         self.apply(self._init)
         nn.init.normal_(self.query_tokens, std=0.02)
+        if self.grid_positions is not None:
+            nn.init.normal_(self.grid_positions, std=0.5)  # on the scale of the layer-normalised grid
 
     @staticmethod
     def _init(m: nn.Module) -> None:  # BERT's initialisation for the layers MiniLM does not provide
@@ -196,6 +201,11 @@ class QFormerModel(nn.Module):
             if image.shape[0] != b:
                 raise ValueError(f"image grid has {image.shape[0]} rows but the text has {b}")
             image = self.vision_norm(image)
+            if self.grid_positions is not None:
+                if image.shape[1] > len(self.grid_positions):
+                    raise ValueError(f"image grid has {image.shape[1]} cells but grid_positions is "
+                                     f"{len(self.grid_positions)}")
+                image = image + self.grid_positions[: image.shape[1]]
             parts.append(self.query_tokens.expand(b, -1, -1))
         if ids is not None:
             if text_mask is None:

@@ -45,7 +45,9 @@ def train_pairs(inputs: dict[str, str], views: Any, seed: int, pairing_ratio: fl
 
 
 def evaluate_aligner(model: Any, inputs: dict[str, str], views: Any, save_dir: Path | None = None) -> dict[str, Any]:
-    """Test retrieval (both ways), hard-negative accuracy and, for label predictors, zero-shot hit@k.
+    """Test retrieval (both ways), hard-negative accuracy, for label predictors zero-shot hit@k, and for models with
+    ``itm_scores`` (a matching head) ``"matching"``: retrieval with and without ITM re-ranking of the top
+    ``model.rerank_k`` and hard-negative accuracy by ITM (:func:`experiments.qformer_eval.matching_metrics`).
 
     With ``save_dir``, the test embeddings are written there (``image_emb.npy``, ``text_emb.npy``,
     ``text_to_image.npy``: the inputs of ``alignfuse retrieval``), atomically.
@@ -70,6 +72,10 @@ def evaluate_aligner(model: Any, inputs: dict[str, str], views: Any, save_dir: P
         negs = encode_in_batches(model, "text", as_input(views.text(txt_kind, neg, "hn-neg-test")), 256)
         out["hard_negative_accuracy"] = hard_negative_metrics(img_emb[torch.as_tensor(owner)], pos, negs,
                                                               np.arange(len(owner)))["per_pair"]
+    if hasattr(model, "itm_scores"):  # a matching head (BLIP-2's ITM): re-ranked retrieval, hard negatives by ITM
+        from experiments.qformer_eval import matching_metrics
+
+        out["matching"] = matching_metrics(model, as_input(views.image(img_kind, "test")).numpy(), text, t2i, hn)
     if hasattr(model, "predict") and "label" in inputs:
         out["zero_shot"] = zero_shot(model, views)
     return out

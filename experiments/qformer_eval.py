@@ -52,7 +52,7 @@ def itm_pair_scores(model, grid: Any, texts: Sequence[str], image_rows: np.ndarr
     out = np.empty(len(image_rows), dtype=np.float64)
     for s, e in _chunks(len(image_rows), batch_size):
         g = torch.as_tensor(np.asarray(grid[np.asarray(image_rows[s:e])], dtype=np.float32))
-        out[s:e] = model.itm_scores(g, [texts[int(j)] for j in text_rows[s:e]]).cpu().numpy()
+        out[s:e] = model.itm_scores(g, [texts[int(j)] for j in text_rows[s:e]]).float().cpu().numpy()
     return out
 
 
@@ -109,11 +109,31 @@ def itm_hard_negative_metrics(model, grid: Any, sources: Sequence[str], negative
                           for s, e in _chunks(len(owner), 256)])
         ps = torch.cat([model.text_embeddings(list(sources[s:e])) for s, e in _chunks(len(owner), 256)])
         ns = torch.cat([model.text_embeddings(list(negatives[s:e])) for s, e in _chunks(len(owner), 256)])
-        itc_pos = torch.einsum("nqd,nd->nq", imgs, ps).amax(1).numpy()[:, None]
-        itc_neg = torch.einsum("nqd,nd->nq", imgs, ns).amax(1).numpy()[:, None]
+        itc_pos = torch.einsum("nqd,nd->nq", imgs, ps).amax(1).float().cpu().numpy()[:, None]
+        itc_neg = torch.einsum("nqd,nd->nq", imgs, ns).amax(1).float().cpu().numpy()[:, None]
     itc = hard_negative_metrics(ones, itc_pos, itc_neg, np.arange(len(owner)), normalize=False)
     return {"itm": itm["per_pair"], "itm_per_image": itm["per_image"], "itc": itc["per_pair"],
             "n_pairs": itm["n_pairs"]}
+
+
+def matching_metrics(model, grid: Any, texts: Sequence[str], text_to_image: np.ndarray,
+                     hard_negatives: tuple[Sequence[str], Sequence[str], np.ndarray] | None = None,
+                     k: int | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """What the align runner adds for an aligner with ``itm_scores`` (BLIP's evaluation): retrieval by ITC and after
+    ITM re-ranking of the top ``k`` (default: the model's ``rerank_k``, else 16), and, with ``hard_negatives``
+    ``(true captions, false captions, image row of each)``, hard-negative accuracy by ITM and by ITC.
+
+    Returns ``{"k", "itc": metrics, "itm_rerank": metrics, "rerank_seconds"[, "hard_negative_accuracy_itm",
+    "hard_negative_accuracy_itc", "hard_negative_pairs"]}``; metrics as :func:`metrics_from_ranks` gives them."""
+    k = int(k or getattr(model, "rerank_k", 16))
+    grid = np.asarray(grid, dtype=np.float32)
+    out = qformer_retrieval_metrics(model, grid, list(texts), np.asarray(text_to_image), k=k, batch_size=batch_size)
+    if hard_negatives is not None:
+        src, neg, owner = hard_negatives
+        hn = itm_hard_negative_metrics(model, grid, list(src), list(neg), np.asarray(owner), batch_size)
+        out.update(hard_negative_accuracy_itm=hn["itm"], hard_negative_accuracy_itc=hn["itc"],
+                   hard_negative_pairs=hn["n_pairs"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------ ablation
@@ -125,6 +145,11 @@ VARIANTS: dict[str, dict[str, float]] = {
     "itc+itm+itg+cls": {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 1.0, "cls_weight": 1.0},
     # the same, with each training caption's image also given one of its ShapesWorld hard negatives for ITM
     "itc+itm+itg+cls+hn": {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 1.0, "cls_weight": 1.0},
+    # ITM also on compositional negatives of training scenes (experiments.qformer_data.training_negatives: one of
+    # --train-negatives per image drawn each step, beside the true caption it was edited from)
+    "itc+itm+neg": {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 0.0, "cls_weight": 0.0},
+    "itc+itm+itg+neg": {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 1.0, "cls_weight": 0.0},
+    "itc+itm+itg+cls+neg": {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 1.0, "cls_weight": 1.0},
 }
 
 
@@ -139,6 +164,24 @@ def _data(n_scenes: int, max_eval_images: int):
     return ds, feats["grid"], np.asarray(ds.splits["test"])[:max_eval_images]
 
 
+def _train_negatives(name: str, ds, tr: np.ndarray, t2i: np.ndarray, seed: int, per_image: int) -> dict[str, Any]:
+    """Per-caption ITM extras of variant ``name`` (``+hn``: the data set's own, ``+neg``: training negatives)."""
+    if name.endswith("+hn"):  # one training hard negative of the caption's image, drawn once (seeded)
+        rng = np.random.default_rng(seed)
+        return {"hard_negative": [ds.hard_negatives[tr[g]][rng.integers(len(ds.hard_negatives[tr[g]]))]
+                                  if ds.hard_negatives[tr[g]] else "" for g in t2i]}
+    if name.endswith("+neg"):
+        if hasattr(ds, "train_negatives"):
+            negs, srcs = ([ds.train_negatives[r][:per_image] for r in tr],
+                          [ds.train_negative_sources[r][:per_image] for r in tr])
+        else:
+            from experiments.qformer_data import training_negatives
+
+            negs, srcs = training_negatives(ds, tr, per_image)
+        return {"hard_negative": [negs[g] for g in t2i], "hard_negative_source": [srcs[g] for g in t2i]}
+    return {}
+
+
 def run_variant(name: str, args, ds, grid, test_idx, seed: int) -> dict[str, Any]:
     from align.base import build_aligner, encode_in_batches
     from experiments.pairs import PairedDataset
@@ -146,20 +189,20 @@ def run_variant(name: str, args, ds, grid, test_idx, seed: int) -> dict[str, Any
 
     torch.manual_seed(seed)
     labels = np.asarray(ds.labels["shape_colour"])
+    weights = dict(VARIANTS[name])
+    if weights["itm_weight"] > 0:
+        weights["itm_weight"] = args.itm_weight
     model = build_aligner("qformer", image_dim=int(grid.shape[-1]), num_queries=args.queries, num_layers=args.layers,
-                          max_text_len=args.max_text_len, itg_vocab=args.itg_vocab,
-                          num_classes=int(labels.max()) + 1, **VARIANTS[name])
+                          max_text_len=args.max_text_len, itg_vocab=args.itg_vocab, grid_positions=args.grid_positions,
+                          num_classes=int(labels.max()) + 1, model_dir=args.model_dir, rerank_k=args.k, **weights)
     tr = np.asarray(ds.splits["train"])
     texts = [t for i in tr for t in ds.captions[i]]
     t2i = np.repeat(np.arange(len(tr)), [len(ds.captions[i]) for i in tr])
-    per_text: dict[str, Any] = {"text": texts}
-    if name.endswith("+hn"):  # one training hard negative of the caption's image, drawn once (seeded)
-        rng = np.random.default_rng(seed)
-        per_text["hard_negative"] = [ds.hard_negatives[tr[g]][rng.integers(len(ds.hard_negatives[tr[g]]))]
-                                     if ds.hard_negatives[tr[g]] else "" for g in t2i]
+    per_text: dict[str, Any] = {"text": texts, **_train_negatives(name, ds, tr, t2i, seed, args.train_negatives)}
     data = PairedDataset({"image": grid[tr], "label": labels[tr]}, per_text, t2i)
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=0.05,
-                      warmup_steps=max(1, args.steps // 15), grad_clip=1.0, seed=seed, progress=False)
+                      warmup_steps=max(1, args.steps // 15), grad_clip=1.0, seed=seed, progress=False,
+                      device=args.device)
     t0 = time.perf_counter()
     Trainer(cfg).fit(model, data)
     train_s = time.perf_counter() - t0
@@ -170,7 +213,7 @@ def run_variant(name: str, args, ds, grid, test_idx, seed: int) -> dict[str, Any
                            "params_trained": model.num_trainable_parameters()}
     # the shared evaluator's view: encode() (mean query embedding) and cosine
     img = encode_in_batches(model, "image", torch.from_numpy(test_grid), 256)
-    txt = torch.cat([model.encode("text", test_texts[s:e]) for s, e in _chunks(len(test_texts), 256)])
+    txt = torch.cat([model.encode("text", test_texts[s:e]).float().cpu() for s, e in _chunks(len(test_texts), 256)])
     res["encode_rsum"] = retrieval_metrics(img, txt, test_t2i, progress=False)["rsum"]
     t0 = time.perf_counter()
     if VARIANTS[name]["itm_weight"] == 0:  # no trained ITM head: ITC only (re-ranking would be noise)
@@ -178,13 +221,20 @@ def run_variant(name: str, args, ds, grid, test_idx, seed: int) -> dict[str, Any
         res["itc"] = metrics_from_ranks(ranks_from_scores(itc, itc, test_t2i))
         res["itm_rerank"] = {"rsum": float("nan")}
     else:
-        res.update(qformer_retrieval_metrics(model, test_grid, test_texts, test_t2i, k=args.k))
+        res.update(qformer_retrieval_metrics(model, test_grid, test_texts, test_t2i, k=args.k,
+                                             batch_size=args.eval_batch_size))
     src = [s for i in test_idx for s in ds.hard_negative_sources[i]]
     neg = [s for i in test_idx for s in ds.hard_negatives[i]]
     owner = np.repeat(np.arange(len(test_idx)), [len(ds.hard_negatives[i]) for i in test_idx])
-    res["hard_negatives"] = itm_hard_negative_metrics(model, test_grid, src, neg, owner)
+    res["hard_negatives"] = itm_hard_negative_metrics(model, test_grid, src, neg, owner, args.eval_batch_size)
+    kinds = np.asarray([k for i in test_idx for k in ds.hard_negative_kinds[i]])
     if VARIANTS[name]["itm_weight"] == 0:
         res["hard_negatives"]["itm"] = res["hard_negatives"]["itm_per_image"] = float("nan")
+    else:  # by kind of edit
+        pos = itm_pair_scores(model, test_grid, src, owner, np.arange(len(owner)), args.eval_batch_size)
+        ng = itm_pair_scores(model, test_grid, neg, owner, np.arange(len(owner)), args.eval_batch_size)
+        res["hard_negatives"]["itm_by_kind"] = {str(k): float(100 * np.mean(pos[kinds == k] > ng[kinds == k]))
+                                                for k in np.unique(kinds)}
     res["eval_seconds"] = time.perf_counter() - t0
     if args.save:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -205,17 +255,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=4)
     p.add_argument("--max-text-len", type=int, default=24)
     p.add_argument("--itg-vocab", default="batch", choices=["full", "batch"])
+    p.add_argument("--itm-weight", type=float, default=1.0, help="weight of ITM in the variants that have it")
+    p.add_argument("--grid-positions", type=int, default=256, help="learned grid position embeddings (0: none)")
+    p.add_argument("--train-negatives", type=int, default=12, help="compositional negatives per training image (+neg)")
     p.add_argument("--k", type=int, default=16)
+    p.add_argument("--device", default="auto", help="Trainer device: auto, cpu, cuda")
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--model-dir", default=None, help="another MiniLM directory (default: the packaged one)")
+    p.add_argument("--bundle", default=None, help="read data from this experiments.qformer_data bundle (.npz)")
+    p.add_argument("--write-bundle", default=None, help="write the data bundle (.npz) here and exit")
     p.add_argument("--out", default="runs/qformer_ablation")
     p.add_argument("--save", action="store_true", help="also save each model's state dict")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    ds, grid, test_idx = _data(args.n_scenes, args.max_eval_images)
+    if args.bundle:
+        from experiments.qformer_data import load_bundle
+
+        ds, grid = load_bundle(args.bundle)
+        test_idx = np.asarray(ds.splits["test"])[: args.max_eval_images]
+    else:
+        ds, grid, test_idx = _data(args.n_scenes, args.max_eval_images)
+    if args.write_bundle:
+        from experiments.qformer_data import save_bundle
+
+        print(save_bundle(args.write_bundle, ds, grid, args.train_negatives))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in args.variants:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for name in args.variants:
             r = run_variant(name, args, ds, grid, test_idx, seed)
             results.append(r)
             print(json.dumps({k: r[k] for k in ("variant", "seed", "train_seconds", "encode_rsum")}

@@ -63,6 +63,9 @@ def format_results(results: dict[str, Any]) -> str:
                      f"{ch['text_to_image_R@1']:.2f} %; hard-negative chance 50 %. "
                      + (f"Mean ± std over seeds {results['seeds']}." if len(results["seeds"]) > 1
                         else f"One seed ({results['seeds'][0]})."))
+    match = matching_table(results)
+    if match:
+        lines.append("\n" + match)
     zs_rows = []
     for name, r in results["aligners"].items():
         zs = r.get("zero_shot")
@@ -84,6 +87,32 @@ def format_results(results: dict[str, Any]) -> str:
     for name, why in results.get("skipped", {}).items():
         lines.append(f"\n{name}: skipped ({why}).")
     return "\n".join(lines)
+
+
+def matching_table(results: dict[str, Any]) -> str:
+    """Markdown table of the aligners with a matching head (``"matching"`` results): retrieval by ITC and after ITM
+    re-ranking of the top k (R@1 both ways, rsum) and hard-negative accuracy by ITM and by ITC; "" when none."""
+    from experiments.report import fmt, markdown_table
+
+    rows = []
+    for name, r in results["aligners"].items():
+        m = r.get("matching")
+        if not m:
+            continue
+        row = [name, str(int(m["k"]))]
+        for d in ("image_to_text", "text_to_image"):
+            row += [fmt(m[s][d]["R@1"], m[s][d].get("R@1_std")) for s in ("itc", "itm_rerank")]
+        row += [fmt(m[s]["rsum"], m[s].get("rsum_std")) for s in ("itc", "itm_rerank")]
+        row += [fmt(m[key], m.get(f"{key}_std")) if key in m else "–"
+                for key in ("hard_negative_accuracy_itm", "hard_negative_accuracy_itc")]
+        row.append(fmt(m["rerank_seconds"], m.get("rerank_seconds_std")))
+        rows.append(row)
+    if not rows:
+        return ""
+    headers = ["aligner", "k", "i→t R@1 ITC", "i→t R@1 re-ranked", "t→i R@1 ITC", "t→i R@1 re-ranked", "rsum ITC",
+               "rsum re-ranked", "hard-neg acc ITM %", "hard-neg acc ITC %", "re-rank s"]
+    return ("Matching head (BLIP-2's ITM), with and without re-ranking: ITC = the highest cosine over the queries; "
+            "re-ranked = each query's top k by ITC re-scored by ITM log-odds + ITC:\n\n" + markdown_table(headers, rows))
 
 
 def _scaled(std: float | None) -> float | None:

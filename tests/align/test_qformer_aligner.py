@@ -142,7 +142,7 @@ def test_each_loss_decreases(objective, one_thread):
         batch = {k: v[::2] for k, v in batch.items()}
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
-    for _ in range(60 if objective in ("itm", "itc") else 25):
+    for _ in range({"itm": 80, "itc": 60}.get(objective, 25)):
         out = m.loss(batch)
         assert set(out) == {objective}
         opt.zero_grad()
@@ -197,7 +197,7 @@ def test_minilm_init_equals_minilm_text_outputs():
     outputs = {}
     for layers in (6, 2):
         m = build_aligner("qformer", image_dim=8, num_queries=2, num_layers=layers, max_text_len=256).eval()
-        assert {n.split(".")[0] for n in m.new_parameters} == {"query_tokens", "vision_norm", "layers"}
+        assert {n.split(".")[0] for n in m.new_parameters} == {"query_tokens", "vision_norm", "grid_positions", "layers"}
         assert all(".crossattention." in n for n in m.new_parameters if n.startswith("layers"))
         ids, mask = m.tokenize(texts)
         with torch.no_grad():
@@ -266,3 +266,38 @@ def test_stage2_connector_maps_grid_to_lm_tokens():
     assert conn.qformer is not m.qformer  # a copy: training the bridge leaves the aligner as it was
     out.sum().backward()
     assert conn.qformer.layers[0].crossattention.key.weight.grad is not None
+
+
+def test_given_pairs_add_the_negative_and_its_source():
+    from align.qformer_aligner import given_pairs
+
+    rows, texts, match = given_pairs({"hard_negative": ["a blue circle", "", ["x", "y"]],
+                                      "hard_negative_source": ["a red circle", "", ["x0", "y0"]]})
+    assert rows[:2] == [0, 0] and texts[:2] == ["a blue circle", "a red circle"] and match[:2] == [0, 1]
+    assert rows[2:] == [2, 2] and (texts[2:], match[2:]) in ((["x", "x0"], [0, 1]), (["y", "y0"], [0, 1]))
+    assert given_pairs({"hard_negative": ["a blue circle"]}) == ([0], ["a blue circle"], [0])  # no source: negative only
+    assert given_pairs({"text": ["a"]}) == ([], [], [])
+
+
+def test_itm_loss_uses_given_pairs(one_thread):
+    m = tiny(itc_weight=0.0, itg_weight=0.0).train()
+    b = _batch()
+    base = {k: v for k, v in b.items() if k != "hard_negative"}
+    torch.manual_seed(0)
+    plain = m.loss(base)["itm"]
+    torch.manual_seed(0)
+    with_src = m.loss({**base, "hard_negative": ["a green star"] * len(base["text"]),
+                       "hard_negative_source": base["text"]})["itm"]
+    assert torch.isfinite(plain) and torch.isfinite(with_src) and not torch.isclose(plain, with_src)
+
+
+def test_grid_positions_make_queries_see_where():
+    g = grids(2)
+    perm = g[:, torch.randperm(6, generator=torch.Generator().manual_seed(0))]
+    for gp, differs in ((0, False), (16, True)):
+        m = tiny(grid_positions=gp)
+        with torch.no_grad():
+            d = (m.query_outputs(g) - m.query_outputs(perm)).abs().max()
+        assert (d > 1e-5) if differs else (d < 1e-6), (gp, d)  # without positions: a set of cells
+    with pytest.raises(ValueError, match="grid_positions"):
+        tiny(grid_positions=4).query_outputs(g)
