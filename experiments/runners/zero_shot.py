@@ -94,7 +94,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if "zeroshot" not in d.splits or not len(d.splits["zeroshot"]):
         raise ValueError(f"data {cfg.data.name!r} has no 'zeroshot' rows (splits: {sorted(d.splits)})")
     tr, te = d.splits["train"], np.concatenate([d.splits["test"], d.splits["zeroshot"]])
-    rows = np.concatenate([full.splits["train"], tr, te])
+    rows = np.concatenate([*full.splits.values(), te])  # every kept row (the feature cache's key)
     feat, class_emb = zero_shot_features(d, rows, cfg.image_size, cfg.image_encoder, cfg.text_encoder,
                                          cfg.cache_root())
     t_feat = time.perf_counter() - t0
