@@ -394,17 +394,27 @@ class QFormerAligner(GradientAligner):
 
 
 class QFormerConnector(Connector, nn.Module):
-    """BLIP-2's stage 2: a trained Q-Former's query path (frozen grid → query outputs [B, Q, hidden]) and a new
-    linear projection into the LLM ([B, Q, lm_dim]). The query path is the aligner's own module (shared
-    weights: copy the aligner first if it must stay untouched); ``freeze_qformer`` trains only the projection."""
+    """BLIP-2's stage 2: a Q-Former's query path (frozen grid → query outputs [B, Q, hidden]) and a linear projection
+    into the LLM ([B, Q, lm_dim]). Built from JSON (``qformer``: :attr:`QFormerModel.config`), so a saved bridge
+    rebuilds it from its config; :func:`qformer_connector` fills it from a trained aligner. The text-only parts
+    (word/position embeddings) are dropped and the text FFNs frozen: the LLM sees only the queries.
+    ``freeze_qformer`` trains only the projection."""
 
-    name = "qformer_blip2"  # not in CONNECTORS: it is built from a trained aligner, not from a config
+    name = "qformer_blip2"  # not in CONNECTORS: the bridge builds it from a trained aligner (qformer_connector)
 
-    def __init__(self, aligner: QFormerAligner, lm_dim: int, freeze_qformer: bool = False) -> None:
+    def __init__(self, vision_dim: int, lm_dim: int, qformer: dict[str, Any], freeze_qformer: bool = False) -> None:
         nn.Module.__init__(self)
-        self.vision_dim, self.lm_dim = aligner.image_dim, lm_dim
-        self.qformer = aligner.qformer
+        if int(qformer.get("vision_dim", -1)) != vision_dim:
+            raise ValueError(f"qformer.vision_dim {qformer.get('vision_dim')} != vision_dim {vision_dim}")
+        self.vision_dim, self.lm_dim = vision_dim, lm_dim
+        self.qformer = QFormerModel(**{**qformer, "vocab_size": 1, "max_positions": 1})  # queries need no text
         self.qformer.requires_grad_(not freeze_qformer)
+        for layer in self.qformer.layers:  # the text FFNs: unused when the queries have their own
+            if layer.ffn_query is not None:
+                layer.ffn.requires_grad_(False)
+        for p in (self.qformer.word_embeddings.weight, self.qformer.position_embeddings.weight,
+                  self.qformer.token_type):
+            p.requires_grad_(False)
         self.proj = nn.Linear(self.qformer.hidden, lm_dim)
 
     def num_tokens(self, n_inputs: int) -> int:
@@ -416,10 +426,14 @@ class QFormerConnector(Connector, nn.Module):
 
 
 def qformer_connector(aligner: QFormerAligner, lm_dim: int, freeze_qformer: bool = False) -> QFormerConnector:
-    """The ``qformer`` connector's stage-1 init: a copy of ``aligner``'s Q-Former (queries out) + Linear → ``lm_dim``."""
-    import copy
-
-    return QFormerConnector(copy.deepcopy(aligner).cpu(), lm_dim, freeze_qformer)
+    """The ``qformer`` connector's stage-1 init: ``aligner``'s Q-Former weights (copied; queries out) + a new
+    Linear → ``lm_dim``."""
+    conn = QFormerConnector(aligner.image_dim, lm_dim, dict(aligner.qformer.config), freeze_qformer)
+    state = {k: v for k, v in aligner.qformer.state_dict().items()
+             if k not in ("word_embeddings.weight", "position_embeddings.weight")}
+    missing, unexpected = conn.qformer.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) == {"word_embeddings.weight", "position_embeddings.weight"}, missing
+    return conn
 
 
 def qformer_connector_state(aligner: QFormerAligner) -> dict[str, Tensor]:

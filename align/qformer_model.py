@@ -160,6 +160,10 @@ class QFormerModel(nn.Module):
             raise ValueError(f"num_queries, num_layers and cross_every must be >= 1, got "
                              f"{num_queries}, {num_layers}, {cross_every}")
         self.vision_dim, self.num_queries, self.hidden = vision_dim, num_queries, hidden
+        self.config = dict(vision_dim=vision_dim, num_queries=num_queries, num_layers=num_layers,
+                           cross_every=cross_every, hidden=hidden, heads=heads, ffn_dim=ffn_dim, vocab_size=vocab_size,
+                           max_positions=max_positions, eps=eps, dropout=dropout, query_ffn=query_ffn,
+                           grid_positions=grid_positions)  # the constructor arguments (JSON): rebuilds it
         self.word_embeddings = nn.Embedding(vocab_size, hidden)
         self.position_embeddings = nn.Embedding(max_positions, hidden)
         self.token_type = nn.Parameter(torch.zeros(hidden))  # BERT's token-type-0 row

@@ -1,112 +1,105 @@
-"""BLIP-2's stage 2 on ShapesWorld: a trained Q-Former aligner (queries out) + a linear projection into frozen
-SmolLM2, against the same architecture before stage 1 and the toolkit's ``qformer`` connector from scratch.
+"""BLIP-2's two stages in the LLM bridge: a Q-Former aligner trained on the bridge's own image tokens and captions
+(stage 1: ITC + ITM + ITG, ITM also on compositional negatives of training scenes), then its query path plus a new
+linear projection as the LLM connector (the ``qformer`` connector's third init, beside ``seeded`` and ``random``).
 
-``python -m experiments.qformer_bridge --aligner runs/qformer_ablation/<variant>-seed0.pt`` trains each
-connector on caption loss (the shared Trainer, same data, steps and learning rate) and reports the validation
-caption NLL (nats/token) with the image and with a shuffled image, at step 0 and every ``--eval-every`` steps.
-The aligner's settings (layers, queries) must match those it was trained with.
+:func:`stage1_qformer_connector` is the entry point the bridge runner calls with its prepared data
+(:class:`experiments.bridge.features.BridgeData`) and config; the trained aligner is cached in ``cache_dir`` under a
+key of everything that determines it, so a rerun loads it instead of training it again.
 """
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
-
-def _val_nll(mllm, grid: np.ndarray, texts: list[str]) -> dict[str, float]:
-    out = {}
-    with torch.no_grad():
-        mllm.eval()
-        for mode in ("image", "shuffled"):
-            nll, m = mllm.token_nll({"image": torch.from_numpy(grid), "text": texts}, mode)
-            out[mode] = float(nll.sum() / m.sum())
-        mllm.train()
-    out["image_gain"] = out["shuffled"] - out["image"]
-    return out
+#: stage-1 defaults: a reduced Q-Former (MiniLM's first 2 layers) with ITM on 6 compositional negatives per image
+STAGE1_DEFAULTS: dict[str, Any] = {"num_layers": 2, "max_text_len": 32, "itg_vocab": "batch", "itc_weight": 1.0,
+                                   "itm_weight": 1.0, "itg_weight": 1.0}
+TRAIN_DEFAULTS: dict[str, Any] = {"batch_size": 32, "lr": 1e-4, "weight_decay": 0.05, "grad_clip": 1.0}
 
 
-def build_connectors(args, image_dim: int, lm_dim: int) -> dict[str, torch.nn.Module]:
+def stage1_options(cfg: Any, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Aligner options: :data:`STAGE1_DEFAULTS`, the ``qformer`` connector's ``num_queries`` (so the LLM gets as many
+    image tokens as from ``qformer/random``), then ``options``."""
+    n_q = (getattr(cfg, "connector_options", None) or {}).get("qformer", {}).get("num_queries", 4)
+    return {**STAGE1_DEFAULTS, "num_queries": int(n_q), **dict(options or {})}
+
+
+def train_stage1_aligner(bd: Any, cfg: Any, steps: int | None = None, options: Mapping[str, Any] | None = None,
+                         train: Mapping[str, Any] | None = None, negatives_per_image: int = 6,
+                         cache_dir: str | Path | None = None, seed: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train (or load from ``cache_dir``) a ``qformer`` aligner on ``bd.tokens`` of the train split ↔ its captions.
+
+    Args:
+        bd: the bridge's prepared data (``tokens`` [N, M, d_v], ``data`` the ShapesWorld with splits and captions).
+        cfg: the bridge config (``seeding.aligner_steps`` is the default ``steps``, ``train.device`` the device,
+            ``seeds[0]`` the default seed, ``connector_options.qformer.num_queries`` the number of queries).
+        options: aligner options over :func:`stage1_options`. train: Trainer options over :data:`TRAIN_DEFAULTS`.
+        negatives_per_image: compositional ITM negatives per training scene (0: in-batch mining only).
+    Returns: (aligner on CPU, info: ``steps``, ``train_seconds``, ``loaded``, ``params``, ``key``).
+    """
     from align.base import build_aligner
-    from align.connectors import build_connector
-    from align.qformer_aligner import qformer_connector
-
-    kw = dict(image_dim=image_dim, num_queries=args.queries, num_layers=args.layers, max_text_len=args.max_text_len)
-    torch.manual_seed(0)
-    trained = build_aligner("qformer", **kw, num_classes=args.num_classes)
-    trained.load_state_dict(torch.load(args.aligner, weights_only=True))
-    torch.manual_seed(0)
-    untrained = build_aligner("qformer", **kw, num_classes=args.num_classes)
-    conns: dict[str, torch.nn.Module] = {}
-    for init in args.inits:
-        torch.manual_seed(0)
-        if init == "stage1":
-            conns["qformer-blip2/stage1"] = qformer_connector(trained, lm_dim)
-        elif init == "minilm":
-            conns["qformer-blip2/minilm"] = qformer_connector(untrained, lm_dim)
-        else:
-            conns["qformer/random"] = build_connector("qformer", vision_dim=image_dim, lm_dim=lm_dim,
-                                                      num_queries=args.queries)
-    return conns
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from align.llm import load_llm
-    from align.mllm import MultimodalLM
+    from align.weights import write_file_atomically
     from experiments.pairs import PairedDataset
-    from experiments.qformer_eval import _data
+    from experiments.qformer_data import training_negatives
     from experiments.trainer import TrainConfig, Trainer
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--aligner", required=True, help="state dict of a trained qformer aligner")
-    p.add_argument("--inits", nargs="+", default=["stage1", "minilm", "random"],
-                   choices=["stage1", "minilm", "random"])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--queries", type=int, default=4)
-    p.add_argument("--max-text-len", type=int, default=24)
-    p.add_argument("--num-classes", type=int, default=36)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--n-val", type=int, default=48)
-    p.add_argument("--out", default="runs/qformer_bridge")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    ds, grid, _ = _data(1500, 150)
-    llm, tok = load_llm("smollm2")
-    lm_dim = llm.get_input_embeddings().embedding_dim
-    tr, va = np.asarray(ds.splits["train"]), np.asarray(ds.splits["val"])[: args.n_val]
-    texts = [t for i in tr for t in ds.captions[i]]
-    t2i = np.repeat(np.arange(len(tr)), [len(ds.captions[i]) for i in tr])
-    data = PairedDataset({"image": grid[tr]}, {"text": texts}, t2i)
-    val_grid = np.asarray(grid[va], dtype=np.float32)
-    val_texts = [ds.captions[i][0] for i in va]
-    results: dict[str, Any] = {"args": vars(args), "runs": {}}
-    for name, conn in build_connectors(args, int(grid.shape[-1]), lm_dim).items():
-        mllm = MultimodalLM(llm, tok, conn)
-        curve = [{"step": 0, **_val_nll(mllm, val_grid, val_texts)}]
-        cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=5,
-                          eval_every=args.eval_every, monitor="image", mode="min", seed=0, progress=False,
-                          grad_clip=1.0)
-        t0 = time.perf_counter()
-        res = Trainer(cfg, evaluator=lambda m: _val_nll(m, val_grid, val_texts)).fit(mllm, data)
-        curve += [{k: r[k] for k in ("step", "image", "shuffled", "image_gain")}
-                  for r in res.history if r["kind"] == "eval"]
-        results["runs"][name] = {"curve": curve, "train_seconds": time.perf_counter() - t0,
-                                 "params_trained": mllm.num_trainable_parameters()}
-        print(name, json.dumps(curve[-1]), flush=True)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+    opts = stage1_options(cfg, options)
+    tr_opts = {**TRAIN_DEFAULTS, **dict(train or {})}
+    steps = int(steps if steps is not None else cfg.seeding.aligner_steps)
+    seed = int(cfg.seeds[0] if seed is None else seed)
+    d_v = int(bd.tokens.shape[-1])
+    key = hashlib.sha256(json.dumps({"data": bd.data.fingerprint, "vision": bd.vision, "options": opts,
+                                     "train": tr_opts, "steps": steps, "seed": seed, "negatives": negatives_per_image,
+                                     "tokens": list(bd.tokens.shape[1:])}, sort_keys=True, default=str).encode()
+                         ).hexdigest()[:16]
+    torch.manual_seed(seed)
+    aligner = build_aligner("qformer", image_dim=d_v, **opts)
+    info: dict[str, Any] = {"key": key, "steps": steps, "options": opts, "params": aligner.num_trainable_parameters()}
+    path = None if cache_dir is None else Path(cache_dir) / f"qformer-stage1-{key}.pt"
+    if path is not None and path.exists():
+        aligner.load_state_dict(torch.load(path, weights_only=True))
+        log.info("stage-1 Q-Former loaded from %s", path)
+        return aligner.eval(), {**info, "loaded": True, "train_seconds": 0.0}
+    tr = np.asarray(bd.data.splits["train"])
+    texts, t2i = bd.data.flat_captions("train")
+    per_text: dict[str, Any] = {"text": list(texts)}
+    if negatives_per_image > 0:
+        negs, srcs = training_negatives(bd.data, tr, negatives_per_image, seed=1000 + seed)
+        per_text.update(hard_negative=[negs[g] for g in t2i], hard_negative_source=[srcs[g] for g in t2i])
+    data = PairedDataset({"image": np.asarray(bd.tokens[tr], dtype=np.float32)}, per_text, np.asarray(t2i))
+    tcfg = TrainConfig(max_steps=steps, batch_size=min(int(tr_opts["batch_size"]), len(texts)), lr=tr_opts["lr"],
+                       weight_decay=tr_opts["weight_decay"], warmup_steps=max(1, steps // 15),
+                       grad_clip=tr_opts["grad_clip"], seed=seed, progress=False, device=cfg.train.device)
+    t0 = time.perf_counter()
+    Trainer(tcfg).fit(aligner, data)
+    aligner = aligner.cpu().eval()
+    info.update(loaded=False, train_seconds=round(time.perf_counter() - t0, 2))
+    if path is not None:
+        state = aligner.state_dict()
+        write_file_atomically(path, lambda f: torch.save(state, f))
+    log.info("stage-1 Q-Former: %d steps in %.1f s", steps, info["train_seconds"])
+    return aligner, info
 
 
-if __name__ == "__main__":
-    main()
+def stage1_qformer_connector(bd: Any, cfg: Any, cache_dir: str | Path | None = None, steps: int | None = None,
+                             options: Mapping[str, Any] | None = None, freeze_qformer: bool = False, **kwargs: Any):
+    """The ``qformer`` connector's stage-1 init for the bridge: :func:`train_stage1_aligner` (``kwargs`` go there),
+    then its query path + a new Linear into the LLM (:func:`align.qformer_aligner.qformer_connector`,
+    ``[B, M, d_v] → [B, num_queries, d_lm]``). The stage-1 facts are in ``connector.stage1_info``."""
+    from align.qformer_aligner import qformer_connector
+
+    aligner, info = train_stage1_aligner(bd, cfg, steps=steps, options=options, cache_dir=cache_dir, **kwargs)
+    lm_dim = int(bd.llm.get_input_embeddings().embedding_dim)
+    torch.manual_seed(int(cfg.seeds[0]))  # the projection's init, as the other connectors' seed
+    conn = qformer_connector(aligner, lm_dim, freeze_qformer=freeze_qformer)
+    conn.stage1_info = info
+    return conn
