@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import Field, StrictBool, field_validator
+from pydantic import Field, StrictBool, field_validator, model_validator
 
-from experiments.config import (ConfigError, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, RunConfig,
+from experiments.config import (ConfigError, DataSection, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, RunConfig,
                                 Section, TrainSection, check_kwargs)
 
 #: SmolLM2-Instruct's chat format (ChatML, no system turn) with the image in the user turn.
@@ -20,10 +20,29 @@ SHORT_PROMPT = "Caption:"
 INITS = ("seeded", "random")
 
 
-class DataConfig(Section):
-    n_scenes: PositiveInt = 600
+class DataConfig(DataSection):
+    """The images and captions: ``name: shapesworld`` (the default: ``n_scenes`` generated scenes, with the scene
+    metadata the attribute, hard-negative and VQA evaluations need) or any image–caption set of
+    :mod:`experiments.views` with its loader options (``csv``: ``path``, ``img_key``, ``caption_key``, ``sep``,
+    ``image_root``; ``karpathy``: ``path``, ``image_root``; splits from the file or seeded 80/10/10).
+    ``image_size``: pixels the vision encoder sees; ``seed``: the data seed (ShapesWorld's generator, the seeding
+    aligner's pairs, the dialogues)."""
+
+    name: str = "shapesworld"
     image_size: PositiveInt = 128
     seed: NonNegInt = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shapesworld_defaults(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("name", "shapesworld") == "shapesworld":
+            v = {"n_scenes": 600, **v}
+        return v
+
+    def views_section(self) -> DataSection:
+        """The section :mod:`experiments.views` loads (``seed`` is ShapesWorld's generator seed only)."""
+        opts = self.options(exclude=() if self.name == "shapesworld" else ("seed",))
+        return DataSection(name=self.name, **opts)
 
 
 class VisionConfig(Section):
@@ -144,6 +163,13 @@ def validate(cfg: Config, where: str) -> Config:
                                 source=where)
     if cfg.stage2.connector is not None and cfg.stage2.connector not in cfg.connectors:
         raise ConfigError(f"{where}: stage2.connector {cfg.stage2.connector!r} is not in connectors {cfg.connectors}")
+    if cfg.data.name != "shapesworld":  # an image–caption set: its loader, options and paths; no scene metadata
+        from experiments.views import check_data_section
+
+        check_data_section(cfg.data.views_section(), where)
+        if cfg.stage2.enabled:
+            raise ConfigError(f"{where}: stage2.enabled: stage 2 (visual questions) is built from ShapesWorld scene "
+                              f"metadata, which data.name={cfg.data.name!r} does not have; set stage2.enabled=false")
     if cfg.vision.tokens is not None and round(cfg.vision.tokens ** 0.5) ** 2 != cfg.vision.tokens:
         raise ConfigError(f"{where}: vision.tokens must be a square number (a pooled square grid), "
                           f"got {cfg.vision.tokens}")

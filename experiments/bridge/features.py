@@ -1,5 +1,9 @@
-"""Data and features of a bridge run: ShapesWorld scenes, frozen vision tokens, the LM, the caption sets.
+"""Data and features of a bridge run: images with captions, frozen vision tokens, the LM, the caption sets.
 
+The images and captions are ShapesWorld scenes (``data.name: shapesworld``, with the scene metadata the
+attribute, hard-negative and VQA evaluations use) or any image–caption set :mod:`experiments.views` loads
+(``csv``, ``karpathy``, a registered loader returning ``ImageTextData``), adapted to a :class:`CaptionSet`
+(``scenes`` and ``hard_negatives`` None: those evaluations are skipped).
 :func:`prepare` returns a :class:`BridgeData` (nothing mutates it later). Vision tokens are the frozen
 encoder's grid, average-pooled to ``vision.tokens`` tokens (:func:`pool_grid`; 16 → 4 makes every
 sequence 12 positions shorter). :class:`VisionTower` applies the same encoder and pooling to raw
@@ -11,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -20,6 +24,7 @@ from align.llm import load_llm, tiny_llm
 from align.mllm_data import ImageCaptionDataset, caption_leading_space
 from align.seeding import caption_vocabulary
 from experiments.bridge.config import Config
+from experiments.data._common import CaptionedSplits
 from experiments.data.shapesworld import load_shapesworld
 from experiments.data.vqa import PHRASINGS
 from experiments.features import FeatureCache, build_encoder, extract_features
@@ -64,8 +69,44 @@ class VisionTower:
 
 
 @dataclass(frozen=True)
+class CaptionSet(CaptionedSplits):
+    """An image–caption set without scene metadata, with what the bridge reads of a ShapesWorld: ``captions``
+    (one list per image), ``splits`` (train/val/test rows), ``flat_captions(split)``, ``images`` (uint8
+    ``[N, H, W, 3]`` or lazily read), ``fingerprint``; ``scenes`` and ``hard_negatives`` are None."""
+
+    name: str
+    fingerprint: str
+    captions: list[list[str]]
+    splits: dict[str, np.ndarray]
+    images: Any
+    scenes: Optional[list[dict]] = None
+    hard_negatives: Optional[list[list[str]]] = None
+
+
+def load_images_and_captions(cfg: Config) -> Any:
+    """ShapesWorld (``data.name: shapesworld``) or the :class:`CaptionSet` of any image–caption data section."""
+    if cfg.data.name == "shapesworld":
+        return load_shapesworld(n_scenes=cfg.data.n_scenes, image_size=cfg.data.image_size, seed=cfg.data.seed,
+                                cache_dir=cfg.cache_root() / "datasets")
+    from experiments.views import caption_source, load_data
+
+    section = cfg.data.views_section()
+    src = caption_source(section, load_data(section, cfg.cache_root()))
+    if src.images is None:
+        raise ValueError(f"data.name={cfg.data.name!r} has no images (precomputed vectors only); the bridge encodes "
+                         "images with vision.encoder")
+    splits = {k: np.asarray(src.splits.get(k, np.zeros(0, np.int64)), dtype=np.int64) for k in ("train", "val", "test")}
+    for k, rows in splits.items():
+        if not len(rows):
+            raise ValueError(f"data ({cfg.data.name}): the {k} split has no image; the bridge trains on train, "
+                             "validates on val and evaluates on test")
+    return CaptionSet(name=src.name, fingerprint=src.fingerprint, captions=[list(c) for c in src.captions],
+                      splits=splits, images=src.images)
+
+
+@dataclass(frozen=True)
 class BridgeData:
-    data: Any  # ShapesWorld
+    data: Any  # ShapesWorld or CaptionSet (scenes None: no scene metadata)
     tokens: np.ndarray  # [N, M, d_v] float32: pooled grid tokens of every image
     cells: np.ndarray  # [N, 16, d_v] the encoder's grid (memory-mapped; the seeding aligner may fit on cells)
     llm: Any
@@ -83,10 +124,10 @@ def feature_cache(cfg: Config) -> FeatureCache:
 
 
 def prepare(cfg: Config) -> BridgeData:
-    """Load the scenes, the frozen features (cached) and the LM; build the training, validation and eval sets."""
+    """Load the images and captions, the frozen features (cached) and the LM; build the training, validation and
+    eval sets (without scene metadata: no hard negatives, ``scenes`` None)."""
     t0 = time.perf_counter()
-    data = load_shapesworld(n_scenes=cfg.data.n_scenes, image_size=cfg.data.image_size, seed=cfg.data.seed,
-                            cache_dir=cfg.cache_root() / "datasets")
+    data = load_images_and_captions(cfg)
     encoder = vision_encoder(cfg.vision.encoder, cfg.vision.options, cfg.data.image_size)
     cells = extract_features(data.images, encoder, cache=feature_cache(cfg), dataset_fingerprint=data.fingerprint,
                              split="all", kinds=("pooled", "grid"))["grid"]
@@ -96,7 +137,8 @@ def prepare(cfg: Config) -> BridgeData:
         raise ValueError(f"eval.n_eval_images={cfg.eval.n_eval_images} but the test split has {len(test_idx)} images; "
                          "raise data.n_scenes or lower eval.n_eval_images")
     if cfg.llm.name_or_path == "tiny":
-        texts = [c for caps in data.captions for c in caps] + [c for caps in data.hard_negatives for c in caps]
+        texts = [c for caps in data.captions for c in caps]
+        texts += [c for caps in data.hard_negatives or [] for c in caps]
         texts += [p for ps in PHRASINGS.values() for p in ps] + ["yes no question answer 0 1 2 3 4"]
         words = caption_vocabulary(texts + [cfg.llm.prompt])
         llm, tokenizer = tiny_llm(words, seed=cfg.seeds[0])
@@ -112,12 +154,16 @@ def prepare(cfg: Config) -> BridgeData:
     ev_idx = test_idx[: cfg.eval.n_eval_images]
     slots = min(cfg.eval.captions_per_image, min(len(data.captions[i]) for i in ev_idx))
     rows = [(r, data.captions[i][j]) for j in range(slots) for r, i in enumerate(ev_idx)]  # neighbours differ
-    negs, neg_t2i, neg_kinds = data.flat_hard_negatives(ev_idx)
+    if data.hard_negatives is not None:
+        negs, neg_t2i, neg_kinds = data.flat_hard_negatives(ev_idx)
+        sources = [s for i in ev_idx for s in data.hard_negative_sources[i]]
+    else:  # a caption set: no hard negatives
+        negs, neg_t2i, neg_kinds, sources = [], np.zeros(0, np.int64), [], []
     eval_set = {"image": torch.from_numpy(tokens[ev_idx]), "caption_rows": np.array([r for r, _ in rows]),
                 "captions": [c for _, c in rows], "negatives": negs, "negative_rows": neg_t2i,
-                "negative_kinds": neg_kinds, "sources": [s for i in ev_idx for s in data.hard_negative_sources[i]],
-                "scenes": [data.scenes[i] for i in ev_idx], "truth": [data.captions[i][0] for i in ev_idx],
-                "indices": ev_idx}
+                "negative_kinds": neg_kinds, "sources": sources,
+                "scenes": None if data.scenes is None else [data.scenes[i] for i in ev_idx],
+                "truth": [data.captions[i][0] for i in ev_idx], "indices": ev_idx}
     if words is not None:  # a tiny random LM is rebuilt from its vocabulary and seed (experiments.ask)
         llm_name = f"tiny:{cfg.seeds[0]}:" + " ".join(words)
     vision = {"encoder": cfg.vision.encoder, "encoder_name": encoder.name, "options": dict(cfg.vision.options),
