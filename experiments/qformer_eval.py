@@ -34,8 +34,16 @@ def _chunks(n: int, size: int):
 
 @torch.no_grad()
 def itc_score_matrix(model, grid: Any, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """ITC similarity [N_img, N_txt] (max over queries) of grids [N_img, P, d] and caption strings."""
+    """ITC similarity [N_img, N_txt] (max over queries) of grids [N_img, P, d] and caption strings; for a model
+    without query embeddings, the cosine of its ``encode`` embeddings."""
     model.eval()
+    if not hasattr(model, "image_query_embeddings"):
+        from align.base import encode_in_batches
+
+        img = encode_in_batches(model, "image", torch.as_tensor(np.asarray(grid, dtype=np.float32)), batch_size)
+        txt = encode_in_batches(model, "text", list(texts), batch_size)
+        img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+        return (img @ txt.T).numpy().astype(np.float64)
     img = torch.cat([model.image_query_embeddings(torch.as_tensor(np.asarray(grid[s:e], dtype=np.float32)))
                      for s, e in _chunks(len(grid), batch_size)])
     txt = torch.cat([model.text_embeddings(list(texts[s:e])) for s, e in _chunks(len(texts), batch_size)])
