@@ -14,6 +14,7 @@ time, concatenated, → ``Linear``. It is the per-modality encoder at every leve
   (:class:`fusion.decision_level.LateFusionHeads`, each head's cross-entropy on the samples where its modality is
   present), probabilities averaged (or voted) over the present modalities.
 
+A ``[B, C_m]`` input is one time step (as the feature level takes ``[B, d]`` or ``[B, L, d]``).
 Missing modalities follow :mod:`fusion._common` (key absent, or ``inputs["<m>_mask"]`` bool [B]).
 """
 from __future__ import annotations
@@ -58,9 +59,17 @@ class Conv1dEncoder(nn.Module):
 
 def _sequence(inputs: Mapping[str, Any], m: str, channels: int, present: Tensor, device, dtype) -> Tensor:
     x = torch.as_tensor(inputs[m], device=device).to(dtype)
+    if x.dim() == 2:  # [B, C]: one time step (the feature level's [B, d] / [B, L, d] convention)
+        x = x.unsqueeze(1)
     if x.dim() != 3 or x.shape[-1] != channels:
-        raise ValueError(f"inputs[{m!r}] has shape {tuple(x.shape)}; expected sequence tokens [B, T, {channels}]")
+        raise ValueError(f"inputs[{m!r}] has shape {tuple(x.shape)}; expected sequence tokens [B, T, {channels}] "
+                         f"(or one step [B, {channels}])")
     return zero_missing_rows(x, present)
+
+
+def _length(x: Any) -> int:
+    x = torch.as_tensor(x)
+    return int(x.shape[1]) if x.dim() == 3 else 1
 
 
 class _Conv1dEncoders:
@@ -139,6 +148,8 @@ class Conv1dLateFusion(_Conv1dEncoders, LateFusionHeads):
 class Conv1dMeanFusion(Conv1dLateFusion):
     """:class:`Conv1dLateFusion` with the mean of the present modalities' probabilities."""
 
+    operator = "conv1d_mean"
+
     def __init__(self, in_dims: Mapping[str, int], num_classes: int, width: int = 32, kernel: int = 5,
                  layers: int = 2, dropout: float = 0.0) -> None:
         super().__init__(in_dims, num_classes, "mean", width, kernel, layers, dropout=dropout)
@@ -147,6 +158,8 @@ class Conv1dMeanFusion(Conv1dLateFusion):
 @FUSIONS.register("decision/conv1d_vote")
 class Conv1dVoteFusion(Conv1dLateFusion):
     """:class:`Conv1dLateFusion` with a majority vote of the present modalities (ties by mean probability)."""
+
+    operator = "conv1d_vote"
 
     def __init__(self, in_dims: Mapping[str, int], num_classes: int, width: int = 32, kernel: int = 5,
                  layers: int = 2, dropout: float = 0.0) -> None:
@@ -178,7 +191,7 @@ class Conv1dInputFusion(FusionModule):
         """Logits [B, num_classes]."""
         n = batch_size(inputs, self.modalities)
         device, dtype = self._device(inputs), self._param_dtype()
-        length = {m: torch.as_tensor(inputs[m]).shape[1] for m in self.modalities if inputs.get(m) is not None}
+        length = {m: _length(inputs[m]) for m in self.modalities if inputs.get(m) is not None}
         if len(set(length.values())) != 1:
             raise ValueError(f"data/conv1d needs sequences of one length; got {length or 'no modality'}")
         t = next(iter(length.values()))
