@@ -75,13 +75,17 @@ class MultimodalLM(nn.Module):
     def __init__(self, llm: nn.Module, tokenizer: Any, connector: nn.Module, prompt: str = DEFAULT_PROMPT,
                  max_caption_tokens: int = 48, vision: Callable[[Any], Tensor] | None = None,
                  style_tokens: int = 0, chat_format: ChatFormat | None = None,
-                 head_dtype: torch.dtype | None = None, token_weights: Tensor | None = None) -> None:
+                 head_dtype: torch.dtype | None = None, token_weights: Tensor | None = None,
+                 style_position: Literal["before", "after"] = "after") -> None:
         super().__init__()
         d_lm = llm.get_input_embeddings().embedding_dim
         if connector.lm_dim != d_lm:
             raise ValueError(f"connector outputs width {connector.lm_dim} but the LM's embeddings are {d_lm} wide")
         if style_tokens < 0:
             raise ValueError(f"style_tokens must be >= 0, got {style_tokens}")
+        if style_position not in ("before", "after"):
+            raise ValueError(f"style_position must be 'before' or 'after' the image tokens, got {style_position!r}")
+        self.style_position = style_position
         self.llm = freeze(llm)
         self.connector = connector
         self.vision = freeze(vision) if isinstance(vision, nn.Module) else None  # registered: moves with .to()
@@ -277,12 +281,15 @@ class MultimodalLM(nn.Module):
         B = ids.shape[0]
         emb = self.llm.get_input_embeddings()
         pieces = [emb(prefix_ids).expand(B, -1, -1)]
+        style = [] if self.style is None else [self.style.to(emb.weight.dtype).expand(B, -1, -1)]
+        if self.style_position == "before":
+            pieces += style
         if image_tokens is not None and self.kind != "xattn":
             if image_tokens.dim() != 3 or image_tokens.shape[0] != B or image_tokens.shape[-1] != emb.embedding_dim:
                 raise ValueError(f"image tokens must be [{B}, M, {emb.embedding_dim}], got {tuple(image_tokens.shape)}")
             pieces.append(image_tokens.to(emb.weight.dtype))
-        if self.style is not None:
-            pieces.append(self.style.to(emb.weight.dtype).expand(B, -1, -1))
+        if self.style_position == "after":
+            pieces += style
         start = sum(p.shape[1] for p in pieces)
         pieces.append(emb(ids))
         return {"inputs_embeds": torch.cat(pieces, 1),

@@ -143,6 +143,19 @@ def caption_vocabulary(captions: Sequence[str], min_count: int = 1) -> list[str]
     return sorted(w for w, n in counts.items() if n >= min_count)
 
 
+def bag_of_words(texts: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
+    """``[n, V]`` float32 indicator of which ``vocabulary`` words (lower-case, letters only) each text contains.
+
+    As a text view for a seeding aligner it keeps each word on its own axis, so the text side of the
+    shared → LLM map is exact for single words (a one-hot row), where a sentence encoder blends them."""
+    index = {w: i for i, w in enumerate(vocabulary)}
+    out = np.zeros((len(texts), len(index)), dtype=np.float32)
+    for row, text in enumerate(texts):
+        cols = [index[w] for w in _WORD_RE.findall(text.lower()) if w in index]
+        out[row, cols] = 1.0
+    return out
+
+
 @torch.no_grad()
 def llm_text_embeddings(llm: nn.Module, tokenizer: Any, texts: Sequence[str], leading_space: bool = True
                         ) -> np.ndarray:

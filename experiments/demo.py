@@ -43,13 +43,14 @@ DEMO_FUSION: dict[str, Any] = {
 }
 DEMO_BRIDGE: dict[str, Any] = {
     "data": {"n_scenes": 1500},
-    "connectors": ["mlp2x_gelu"],
+    # word_mixture: image tokens as mixtures of the LM's own word embeddings, seeded from the aligned space
+    # (mlp2x_gelu collapsed to one caption in this budget; `alignfuse run bridge_shapesworld` compares all)
+    "connectors": ["word_mixture"],
     "inits": ["seeded", "random"],
-    "train": {"max_steps": 40, "eval_every": 20},
+    "train": {"max_steps": 30, "eval_every": 15},
     "eval": {"n_eval_images": 16, "captions_per_image": 2, "n_val_captions": 16},
-    # stage 2 for the seeded start only: at ~3 s a step on 2 cores, both inits x 120 steps took the demo far
-    # past its 10-minute budget; `alignfuse run bridge_shapesworld` runs the full comparison
-    "stage2": {"connector": "mlp2x_gelu", "inits": ["seeded"], "n_eval_scenes": 12, "train": {"max_steps": 40}},
+    # stage 2 for the seeded start only (~3 s a LoRA step on 2 cores)
+    "stage2": {"connector": "word_mixture", "inits": ["seeded"], "n_eval_scenes": 12, "train": {"max_steps": 40}},
 }
 
 

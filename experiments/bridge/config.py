@@ -62,17 +62,19 @@ class MethodConfig(Section):
     """What makes stage 1 keep the image: learned style tokens, a lower lr for the seeded connector, and
     extra loss weight on colour/shape words."""
 
-    style_tokens: NonNegInt = 4  # free learned tokens after the image (absorb what every caption shares)
-    connector_lr_scale: NonNegFloat = 1.0  # connector lr = train.lr * this (0: the connector stays as initialised)
-    style_lr_scale: NonNegFloat = 1.0  # style tokens' lr = train.lr * this
+    style_tokens: NonNegInt = 8  # free learned tokens after the image (absorb what every caption shares)
+    connector_lr_scale: NonNegFloat = 0.1  # connector lr = train.lr * this (0: the connector stays as initialised)
+    style_lr_scale: NonNegFloat = 50.0  # style tokens' lr = train.lr * this (they must move far: caption style)
+    style_position: Literal["before", "after"] = "after"  # style tokens before or after the image tokens
     content_weight: NonNegFloat = 1.0  # loss weight of colour/shape word tokens (1: plain mean)
 
 
 class SeedingConfig(Section):
     aligner: Literal["cca", "clip"] = "cca"
+    text: Literal["bow", "minilm"] = "bow"  # the aligner's text view: caption words (bag of words) or MiniLM
     method: Literal["lstsq", "procrustes"] = "procrustes"
     target: Literal["captions", "words"] = "words"
-    n_components: PositiveInt = 12
+    n_components: PositiveInt = 24
     reg: NonNegFloat = 1.0
     cca_encode_power: NonNegFloat = 0.0
     scales: list[PositiveFloat] = Field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0], min_length=1)

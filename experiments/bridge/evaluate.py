@@ -125,7 +125,7 @@ def attribute_metrics(texts: list[str], scenes: list[dict]) -> dict[str, float]:
 def evaluate_captions(mllm: Any, ev: dict[str, Any], batch: int, max_new_tokens: int, n_examples: int,
                       controls: bool = True) -> dict[str, Any]:
     """Caption NLL (+ shuffled / no-image controls and gains), hard-negative ranking, generated-caption metrics."""
-    b = min(batch, len(ev["scenes"]))  # <= n images: a roll never pairs a row with its own image
+    b = min(batch, len(ev["image"]))  # <= n images: a roll never pairs a row with its own image
     with_image = caption_nlls(mllm, ev["image"], ev["caption_rows"], ev["captions"], "image", b)
     out: dict[str, Any] = {"caption_nll": per_token(with_image)}
     if controls:
@@ -133,13 +133,15 @@ def evaluate_captions(mllm: Any, ev: dict[str, Any], batch: int, max_new_tokens:
         none = caption_nlls(mllm, ev["image"], ev["caption_rows"], ev["captions"], "none", b)
         out.update(shuffled_image_nll=per_token(shuffled), no_image_nll=per_token(none),
                    gain_vs_shuffled=paired_gain(shuffled, with_image), gain_vs_no_image=paired_gain(none, with_image))
-        rank = ranking(mllm, ev, "image", b)
-        out["hard_negative_ranking"] = rank.pop("all")
-        out["hard_negative_ranking_by_kind"] = rank
+        if len(ev["negatives"]):  # hard negatives come from scene metadata (ShapesWorld)
+            rank = ranking(mllm, ev, "image", b)
+            out["hard_negative_ranking"] = rank.pop("all")
+            out["hard_negative_ranking_by_kind"] = rank
     texts: list[str] = []
-    for sl in batches(len(ev["scenes"]), b):
+    for sl in batches(len(ev["image"]), b):
         texts += mllm.generate(ev["image"][sl], max_new_tokens)
-    out.update(attribute_metrics(texts, ev["scenes"]))
+    if ev["scenes"] is not None:  # attribute accuracy needs the scene metadata
+        out.update(attribute_metrics(texts, ev["scenes"]))
     examples = texts[:n_examples]
     out["distinct_examples"] = len(set(examples))
     out["n_examples"] = len(examples)

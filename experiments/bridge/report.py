@@ -39,10 +39,19 @@ def comparisons(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         reach = _steps_to_reach(seeded["curves"]["val_caption_nll"], random["val_caption_nll"])
         out[name] = {"step0_nll_gain": random["caption_nll_step0"] - seeded["caption_nll_step0"],
                      "final_nll_gain": random["caption_nll"] - seeded["caption_nll"],
-                     "attribute_accuracy_gain": seeded["attribute_accuracy"] - random["attribute_accuracy"],
+                     "attribute_accuracy_gain": (seeded["attribute_accuracy"] - random["attribute_accuracy"]
+                                                 if "attribute_accuracy" in seeded else None),
                      "random_final_val_nll": random["val_caption_nll"], "seeded_steps_to_reach_random_final": reach,
                      "fraction_of_random_steps": None if reach is None else reach / max(random["steps"], 1)}
     return out
+
+
+def _attributes(r: dict[str, Any]) -> str:
+    """"step 0 → final (other scene)" attribute accuracy, or "–" without scene metadata."""
+    if "attribute_accuracy" not in r:
+        return "–"
+    return (f"{_pct(r['attribute_accuracy_step0'], r.get('named_per_caption_step0'))} → "
+            f"{_pct(r['attribute_accuracy'], r.get('named_per_caption'))} ({r['attribute_accuracy_other_scene'] * 100:.0f})")
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -54,11 +63,9 @@ def format_results(results: dict[str, Any]) -> str:
     for key, r in results["runs"].items():
         rows.append([key, _f(r["caption_nll_step0"]), _f(r["caption_nll"]), _f(r["no_image_nll"]),
                      _f(r["shuffled_image_nll"]), _gain(r.get("gain_vs_shuffled")),
-                     f"{_pct(r['attribute_accuracy_step0'], r.get('named_per_caption_step0'))} → "
-                     f"{_pct(r['attribute_accuracy'], r.get('named_per_caption'))} "
-                     f"({r['attribute_accuracy_other_scene'] * 100:.0f})",
-                     f"{r['distinct_examples']}/{r['n_examples']}",
-                     f"{r['hard_negative_ranking_step0']:.0f} → {r['hard_negative_ranking']:.0f}",
+                     _attributes(r), f"{r['distinct_examples']}/{r['n_examples']}",
+                     f"{r['hard_negative_ranking_step0']:.0f} → {r['hard_negative_ranking']:.0f}"
+                     if "hard_negative_ranking" in r else "–",
                      r["steps"], _f(r["train_seconds"], 0), f"{r['n_trainable']:,}"])
     text = markdown_table(headers, rows)
     comp = results.get("comparisons") or {}
@@ -66,7 +73,8 @@ def format_results(results: dict[str, Any]) -> str:
         text += "\n\n" + markdown_table(
             ["connector", "step-0 NLL gain (random − seeded)", "final NLL gain", "attr acc gain (points)",
              "random final val NLL", "seeded steps to reach it"],
-            [[n, _f(c["step0_nll_gain"]), _f(c["final_nll_gain"]), _f(c["attribute_accuracy_gain"] * 100, 0),
+            [[n, _f(c["step0_nll_gain"]), _f(c["final_nll_gain"]),
+              "–" if c["attribute_accuracy_gain"] is None else _f(c["attribute_accuracy_gain"] * 100, 0),
               _f(c["random_final_val_nll"]), _f(c["seeded_steps_to_reach_random_final"])] for n, c in comp.items()])
     if results.get("vqa"):
         text += "\n\n" + format_vqa(results["vqa"])

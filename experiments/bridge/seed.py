@@ -20,7 +20,7 @@ from align.cca import CCA
 from align.clip import CLIPHeads
 from align.connectors import build_connector
 from align.mllm import MultimodalLM
-from align.seeding import (AffineMap, aligner_map, caption_vocabulary, fit_text_to_lm, image_to_lm_map,
+from align.seeding import (AffineMap, aligner_map, bag_of_words, caption_vocabulary, fit_text_to_lm, image_to_lm_map,
                            llm_text_embeddings, map_r2)
 from experiments.bridge.config import Config
 from experiments.bridge.evaluate import corpus_nll
@@ -117,31 +117,45 @@ def word_retrieval(image_to_lm: AffineMap, llm: Any, tokenizer: Any, pooled: np.
     return result
 
 
+def text_views(cfg: Config, bd: BridgeData) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """The seeding aligner's text view: ``(train captions [n, d_t], val captions, vocabulary, its words [V, d_t])``.
+
+    ``seeding.text="bow"``: bag of caption words over the training vocabulary (a word's row is one-hot);
+    ``"minilm"``: MiniLM sentence embeddings (cached) of the captions and of each word."""
+    data = bd.data
+    train_caps, _ = data.flat_captions("train")
+    val_caps, _ = data.flat_captions("val")
+    vocab = caption_vocabulary(train_caps)
+    if cfg.seeding.text == "bow":
+        return bag_of_words(train_caps, vocab), bag_of_words(val_caps, vocab), vocab, np.eye(len(vocab), dtype=np.float32)
+    minilm = build_encoder("minilm")
+    train, val = (np.asarray(extract_features(c, minilm, cache=feature_cache(cfg), dataset_fingerprint=data.fingerprint,
+                                              split=f"{name}-captions", kinds=("pooled",))["pooled"])
+                  for name, c in (("train", train_caps), ("val", val_caps)))
+    return train, val, vocab, np.asarray(minilm.encode(vocab)["pooled"])
+
+
 def fit_seed_map(cfg: Config, bd: BridgeData) -> SeedMap:
     """Fit the aligner and the text map, compose them, calibrate the scale; returns the :class:`SeedMap`."""
     s, data = cfg.seeding, bd.data
     t0 = time.perf_counter()
-    minilm = build_encoder("minilm")
-    cache = feature_cache(cfg)
-    train_caps, _ = data.flat_captions("train")
-    val_caps, _ = data.flat_captions("val")
-    text_feats, val_text = (np.asarray(extract_features(c, minilm, cache=cache, dataset_fingerprint=data.fingerprint,
-                                                        split=f"{name}-captions", kinds=("pooled",))["pooled"])
-                            for name, c in (("train", train_caps), ("val", val_caps)))
+    text_feats, val_text, vocab, word_feats = text_views(cfg, bd)
     pooled = bd.tokens.mean(1)
     aligner, aligner_info, _ = _fit_aligner(cfg, bd, pooled, text_feats, val_text)
     if s.target == "captions":
-        texts, feats = train_caps, text_feats
+        texts, feats = data.flat_captions("train")[0], text_feats
     else:
-        texts = caption_vocabulary(train_caps)
-        feats = np.asarray(minilm.encode(texts)["pooled"])
+        texts, feats = vocab, word_feats
     targets = llm_text_embeddings(bd.llm, bd.tokenizer, texts)
     shared_to_lm = fit_text_to_lm(aligner, feats, targets, s.method)
     image_to_lm = image_to_lm_map(aligner, shared_to_lm)
-    info: dict[str, Any] = {"aligner": aligner_info, "target": s.target, "method": s.method, "n_text_pairs": len(texts),
+    info: dict[str, Any] = {"aligner": aligner_info, "text": s.text, "target": s.target, "method": s.method,
+                            "n_text_pairs": len(texts),
                             "text_r2_train": round(map_r2(shared_to_lm, aligner_map(aligner, "text")(feats), targets), 4)}
     val_idx = data.splits["val"]
-    info.update(word_retrieval(image_to_lm, bd.llm, bd.tokenizer, pooled[val_idx], [data.scenes[i] for i in val_idx]))
+    if data.scenes is not None:  # colour/shape words named by the scene metadata (ShapesWorld)
+        info.update(word_retrieval(image_to_lm, bd.llm, bd.tokenizer, pooled[val_idx],
+                                   [data.scenes[i] for i in val_idx]))
     scale, mode, calib = calibrate(cfg, bd, image_to_lm)
     info["calibration"] = calib
     info["seconds"] = round(time.perf_counter() - t0, 2)

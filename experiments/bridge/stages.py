@@ -33,23 +33,26 @@ MODEL_FILE, CONNECTOR_FILE, ADAPTER_DIR = "bridge.json", "connector.pt", "adapte
 
 
 class BridgeTrainer(Trainer):
-    """The shared Trainer with the connector's learning rate scaled by ``connector_lr_scale`` (style tokens
-    and the LoRA adapter keep ``lr``)."""
+    """The shared Trainer with per-part learning rates: the connector's ``lr * connector_lr_scale``, the style
+    tokens' ``lr * style_lr_scale``; the LoRA adapter keeps ``lr``."""
 
-    def __init__(self, *args: Any, connector_lr_scale: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, connector_lr_scale: float = 1.0, style_lr_scale: float = 1.0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.connector_lr_scale = connector_lr_scale
+        self.connector_lr_scale, self.style_lr_scale = connector_lr_scale, style_lr_scale
 
     def configure_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         inner = getattr(model, "module", model)
-        connector = {id(p) for p in inner.connector.parameters()}
+        part = {id(p): "connector" for p in inner.connector.parameters()}
+        if inner.style is not None:
+            part[id(inner.style)] = "style"
+        scale = {"connector": self.connector_lr_scale, "style": self.style_lr_scale, "other": 1.0}
         groups = []
         for g in param_groups(model, self.config.weight_decay):
-            for is_conn in (True, False):
-                ps = [p for p in g["params"] if (id(p) in connector) == is_conn]
+            for name in scale:
+                ps = [p for p in g["params"] if part.get(id(p), "other") == name]
                 if ps:
-                    scale = self.connector_lr_scale if is_conn else 1.0
-                    groups.append({**g, "params": ps, "lr": self.config.lr * scale})
+                    groups.append({**g, "params": ps, "lr": self.config.lr * scale[name]})
         return torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
 
 
@@ -74,6 +77,8 @@ def build_model(cfg: Config, bd: BridgeData, name: str, init: str, seed_map: Any
         torch.manual_seed(cfg.seeds[0])
         connector = build_connector(name, d_v, d_lm, num_lm_layers=bd.llm.config.num_hidden_layers,
                                     **cfg.connector_options.get(name, {}))
+    if hasattr(connector, "bind"):  # a connector over the LM's own word embeddings (word_mixture)
+        connector.bind(bd.llm, bd.tokenizer, bd.data.flat_captions("train")[0])
     info: dict[str, float] = {}
     if init == "seeded":
         if seed_map is None:
@@ -82,7 +87,8 @@ def build_model(cfg: Config, bd: BridgeData, name: str, init: str, seed_map: Any
     model = MultimodalLM(bd.llm, bd.tokenizer, connector, prompt=cfg.llm.prompt,
                          max_caption_tokens=cfg.llm.max_caption_tokens, style_tokens=cfg.method.style_tokens,
                          head_dtype=torch.bfloat16 if cfg.llm.head_bf16 else None,
-                         token_weights=content_weights(bd.tokenizer, cfg.method.content_weight))
+                         token_weights=content_weights(bd.tokenizer, cfg.method.content_weight),
+                         style_position=cfg.method.style_position)
     return model, info
 
 
@@ -100,7 +106,7 @@ def train_stage1(cfg: Config, bd: BridgeData, model: MultimodalLM, unit_dir: Pat
     with torch.no_grad():
         val0 = evaluator(model.eval())["val_caption_nll"]
     trainer = BridgeTrainer(cfg.train.trainer_config(seed=cfg.seeds[0], out_dir=unit_dir), evaluator=evaluator,
-                            connector_lr_scale=cfg.method.connector_lr_scale)
+                            connector_lr_scale=cfg.method.connector_lr_scale, style_lr_scale=cfg.method.style_lr_scale)
     result = trainer.fit(model, bd.train_set, resume=True)
     return result, val0
 
@@ -116,7 +122,7 @@ def train_stage2(cfg: Config, model: MultimodalLM, dataset: Dataset, unit_dir: P
     model.add_lora(s.lora_r, s.lora_alpha, s.lora_targets)
     model.train()
     trainer = BridgeTrainer(s.train.trainer_config(seed=cfg.seeds[0], out_dir=unit_dir),
-                            connector_lr_scale=cfg.method.connector_lr_scale)
+                            connector_lr_scale=cfg.method.connector_lr_scale, style_lr_scale=cfg.method.style_lr_scale)
     return trainer.fit(model, dataset, resume=True)
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from align.connectors import build_connector
 from align.export import export_llava_projector
 from experiments.bridge import report
 from experiments.bridge.config import Config, validate  # noqa: F401  (Config: the runner API)
@@ -115,15 +116,24 @@ def _stage2(cfg: Config, bd: BridgeData, models: dict[str, Any], out_dir: Path) 
 
 
 def _export_best(runs: dict[str, dict[str, Any]], models: dict[str, Any], bd: BridgeData, cfg: Config,
-                 out_dir: Path) -> dict[str, Any] | None:
+                 out_dir: Path, seed_map: SeedMap | None) -> dict[str, Any] | None:
+    """The seeded LLaVA-type connector with the lowest caption NLL, in LLaVA's format; without one, the
+    seed map itself as an (untrained) ``linear`` projector."""
     candidates = [k for k, r in runs.items() if r["init"] == "seeded" and models[k].connector.llava_type]
-    if not candidates:
+    extra = {"init": "seeded", "seeding": dump(cfg.seeding)}
+    if candidates:
+        best = min(candidates, key=lambda k: runs[k]["caption_nll"])
+        connector, name = models[best].connector, runs[best]["connector"]
+        extra.update(trained=True, caption_nll=runs[best]["caption_nll"])
+    elif seed_map is not None:
+        connector = build_connector("linear", bd.tokens.shape[-1], bd.llm.get_input_embeddings().embedding_dim)
+        seed_map.seed(connector, bd.tokens[bd.data.splits["train"][:256]])
+        name, extra["trained"] = "linear (the seed map, untrained)", False
+    else:
         return None
-    best = min(candidates, key=lambda k: runs[k]["caption_nll"])
-    path = export_llava_projector(models[best].connector, out_dir / "projector", vision_encoder=bd.setup["vision_encoder"],
-                                  llm=bd.llm_name, extra={"init": "seeded", "seeding": dump(cfg.seeding),
-                                                          "caption_nll": runs[best]["caption_nll"]})
-    return {"connector": runs[best]["connector"], "path": str(path)}
+    path = export_llava_projector(connector, out_dir / "projector", vision_encoder=bd.setup["vision_encoder"],
+                                  llm=bd.llm_name, extra=extra)
+    return {"connector": name, "path": str(path)}
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -150,7 +160,7 @@ def run(cfg: Config) -> dict[str, Any]:
             vqa["seconds"] = round(time.perf_counter() - t_s2, 1)
             results["vqa"] = vqa
         results["files"] = {"curves": str(report.plot(runs, out_dir / "bridge_loss_curves.png"))}
-        exported = _export_best(runs, models, bd, cfg, out_dir)
+        exported = _export_best(runs, models, bd, cfg, out_dir, seed_map)
     finally:
         for m in models.values():
             m.detach()

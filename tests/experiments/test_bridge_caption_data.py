@@ -75,7 +75,6 @@ def test_caption_set_is_adapted_for_the_bridge(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs lead's guards", strict=False)
 def test_bridge_runs_on_a_csv_caption_set_with_a_tiny_llama(tmp_path):
     results = bridge.run(bridge.load(_raw(tmp_path, connectors=["mlp2x_gelu"])))
     assert set(results["runs"]) == {"mlp2x_gelu/seeded", "mlp2x_gelu/random"} and "vqa" not in results

@@ -27,6 +27,7 @@ TINY = {
         "data": {"n_scenes": 60, "image_size": 64, "seed": 1},
         "llm": {"name_or_path": "tiny", "max_caption_tokens": 16, "prompt": "Caption:"},
         "connectors": ["mlp2x_gelu"],
+        "stage2": {"connector": "mlp2x_gelu"},
         "seeding": {"n_components": 4, "scales": [1.0], "n_calibration_captions": 4},
         "train": {"max_steps": 2, "batch_size": 4, "eval_every": 1, "log_every": 1, "progress": False},
         "eval": {"n_eval_images": 4, "captions_per_image": 1, "max_new_tokens": 3, "n_val_captions": 4},
