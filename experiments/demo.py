@@ -47,10 +47,10 @@ DEMO_BRIDGE: dict[str, Any] = {
     # (mlp2x_gelu collapsed to one caption in this budget; `alignfuse run bridge_shapesworld` compares all)
     "connectors": ["word_mixture"],
     "inits": ["seeded", "random"],
-    "train": {"max_steps": 30, "eval_every": 15},
+    "train": {"max_steps": 24, "eval_every": 12},
     "eval": {"n_eval_images": 16, "captions_per_image": 2, "n_val_captions": 16},
-    # stage 2 for the seeded start only (~3 s a LoRA step on 2 cores)
-    "stage2": {"connector": "word_mixture", "inits": ["seeded"], "n_eval_scenes": 12, "train": {"max_steps": 40}},
+    # stage 2 for the seeded start only (~4 s a LoRA step on 2 cores)
+    "stage2": {"connector": "word_mixture", "inits": ["seeded"], "n_eval_scenes": 12, "train": {"max_steps": 24}},
 }
 
 
