@@ -160,6 +160,10 @@ def test_connector_contract(name):
 
     torch.manual_seed(0)
     conn = build_connector(name, vision_dim=8, lm_dim=16, num_lm_layers=2)
+    if hasattr(conn, "bind"):  # a connector over the LM's own word embeddings binds to an LM first
+        from align.llm import tiny_llm
+
+        conn.bind(*tiny_llm(["a", "red", "blue", "star"], hidden_size=16, num_layers=1), ["a red star", "a blue star"])
     x = torch.randn(2, 4, 8)
     out = conn(x)
     assert out.shape[0] == 2 and out.shape[-1] in (8, 16)
