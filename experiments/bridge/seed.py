@@ -1,7 +1,7 @@
 """The seed map of a bridge run: fit once, returned as a value (:class:`SeedMap`), applied by each connector.
 
 Pipeline: an aligner (CCA closed form, or CLIPHeads with linear heads) on image tokens ↔ caption
-features (MiniLM), each token paired with a caption of its image (``fit_on="tokens"``: the inputs a
+features (``seeding.text``: a bag of caption words, or MiniLM), each token paired with a caption of its image (``fit_on="tokens"``: the inputs a
 per-token connector maps; ``"pooled"``: pooled features); a shared → LLM-embedding map fitted on text
 only (:mod:`align.seeding`); their composition, with its output scale (and ``mlp2x_gelu``'s mode)
 chosen by step-0 caption NLL on training captions (:func:`calibrate`).
