@@ -208,5 +208,6 @@ def test_run_with_an_open_clip_vision_tower(tmp_path):
     results = bridge.run(bridge.load(raw))
     assert results["setup"]["vision_encoder"].endswith("-image")
     assert results["setup"]["grid_shape"][1:] == [16, 64]  # 4x4 patches of a 64-wide ViT
-    # tiny Llama width 64: the linear projector plus the default 4 learned style tokens
-    assert results["runs"]["linear/seeded"]["n_trainable"] == 64 * 64 + 64 + 4 * 64
+    # tiny Llama width 64: the linear projector plus the default learned style tokens
+    style = bridge.Config().method.style_tokens
+    assert results["runs"]["linear/seeded"]["n_trainable"] == 64 * 64 + 64 + style * 64
