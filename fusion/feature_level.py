@@ -76,6 +76,13 @@ class FeatureFusion(FusionModule):
             )
         return zero_missing_rows(x, present)
 
+    def _encode_modality(self, inputs: Mapping[str, Any], m: str, present: Tensor, device, dtype) -> Tensor:
+        """Modality ``m``'s code [B, embed_dim] (before zeroing absent rows)."""
+        x = self._modality_input(inputs, m, present, device, dtype)
+        if x.dim() == 3:  # token sequence: average the tokens (CrossAttentionFusion keeps them)
+            x = x.mean(dim=1)
+        return self.encoders[m](x)
+
     def encode(self, inputs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Encoder outputs ``z`` [B, M, embed_dim] (zero where absent) and ``present`` [B, M] bool."""
         n = batch_size(inputs, self.modalities)
@@ -86,10 +93,7 @@ class FeatureFusion(FusionModule):
             if inputs.get(m) is None:
                 z = torch.zeros(n, self.embed_dim, device=device, dtype=dtype)
             else:
-                x = self._modality_input(inputs, m, p, device, dtype)
-                if x.dim() == 3:  # token sequence: average the tokens (CrossAttentionFusion keeps them)
-                    x = x.mean(dim=1)
-                z = zero_missing_rows(self.encoders[m](x), p)
+                z = zero_missing_rows(self._encode_modality(inputs, m, p, device, dtype), p)
             zs.append(z)
             masks.append(p)
         return torch.stack(zs, dim=1), torch.stack(masks, dim=1)

@@ -74,7 +74,7 @@ def _length(x: Any) -> int:
 
 class _Conv1dEncoders:
     """Mixin for :class:`fusion.feature_level.FeatureFusion` subclasses: a :class:`Conv1dEncoder` per modality
-    replaces the MLP encoder, and :meth:`encode` keeps the time axis for it (no token average)."""
+    replaces the MLP encoder and gets the whole sequence (no token average)."""
 
     input_kind = "grid"
 
@@ -83,20 +83,8 @@ class _Conv1dEncoders:
         self.encoders = nn.ModuleDict({m: Conv1dEncoder(d, self.embed_dim, width, kernel, layers, self.dropout)
                                        for m, d in self.in_dims.items()})
 
-    def encode(self, inputs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """Encoder outputs [B, M, embed_dim] (zero where absent) and presence [B, M] bool."""
-        n = batch_size(inputs, self.modalities)
-        device, dtype = self._device(inputs), self._param_dtype()
-        zs, masks = [], []
-        for m in self.modalities:
-            p = presence(inputs, m, n, device)
-            if inputs.get(m) is None:
-                z = torch.zeros(n, self.embed_dim, device=device, dtype=dtype)
-            else:
-                z = zero_missing_rows(self.encoders[m](_sequence(inputs, m, self.in_dims[m], p, device, dtype)), p)
-            zs.append(z)
-            masks.append(p)
-        return torch.stack(zs, dim=1), torch.stack(masks, dim=1)
+    def _encode_modality(self, inputs: Mapping[str, Any], m: str, present: Tensor, device, dtype) -> Tensor:
+        return self.encoders[m](_sequence(inputs, m, self.in_dims[m], present, device, dtype))
 
 
 def conv1d_feature_fusion(base: type) -> type:
