@@ -69,24 +69,21 @@ def _name(obj: dict) -> str:
     return f"{obj['colour']} {obj['shape']}"
 
 
+def _uniquely_named(objs: list[dict], attr: str, rng: np.random.Generator) -> dict | None:
+    """A random object whose ``attr`` no other object shares (so ``attr`` names it), or None."""
+    values = [o[attr] for o in objs]
+    unique = [o for o in objs if values.count(o[attr]) == 1]
+    return unique[int(rng.integers(len(unique)))] if unique else None
+
+
 def _draw(scene: dict, kind: str, rng: np.random.Generator, phrasings: Sequence[str]) -> tuple[str, str] | None:
     """One (question, answer) of ``kind`` about ``scene``, or None if the scene cannot pose it."""
     objs = scene["objects"]
     phr = phrasings[int(rng.integers(len(phrasings)))]
-    if kind == "colour":
-        shapes = [o["shape"] for o in objs]
-        unique = [o for o in objs if shapes.count(o["shape"]) == 1]
-        if not unique:
-            return None
-        o = unique[int(rng.integers(len(unique)))]
-        return phr.format(shape=o["shape"]), o["colour"]
-    if kind == "shape":
-        colours = [o["colour"] for o in objs]
-        unique = [o for o in objs if colours.count(o["colour"]) == 1]
-        if not unique:
-            return None
-        o = unique[int(rng.integers(len(unique)))]
-        return phr.format(colour=o["colour"]), o["shape"]
+    if kind in ("colour", "shape"):  # ask for one attribute of the object named by the other
+        named = "shape" if kind == "colour" else "colour"
+        o = _uniquely_named(objs, named, rng)
+        return None if o is None else (phr.format(**{named: o[named]}), o[kind])
     if kind == "count":
         return phr, str(len(objs))
     if kind == "count_colour":
