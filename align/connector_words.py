@@ -80,9 +80,7 @@ class WordMixture(Connector, nn.Module):
             raise RuntimeError("word_mixture has no vocabulary yet: pass vocabulary= or call bind(llm, tokenizer, texts)")
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_bound()
-        x = self.check_features(x)
-        return torch.softmax(self.score(x.to(self.score.weight.dtype)), dim=-1) @ self.embeddings
+        return self.word_probabilities(x) @ self.embeddings
 
     def word_probabilities(self, x: Tensor) -> Tensor:
         """``[B, N, V]`` the mixture weights (which words each image token reads as)."""

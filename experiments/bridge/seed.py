@@ -30,20 +30,23 @@ from experiments.features import build_encoder, extract_features
 from experiments.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
+SEED_SAMPLE = 256  # training images whose tokens connectors' seeding recipes calibrate on (shifts, temperatures)
 
 
 @dataclass(frozen=True)
 class SeedMap:
-    """The composed map image tokens → LLM embeddings (scaled), the image → shared map, and diagnostics."""
+    """The composed map image tokens → LLM embeddings (scaled), the image → shared map, a sample of training
+    image tokens ``features`` [n, M, d_v] (what connectors' recipes calibrate on), and diagnostics."""
 
     image_to_lm: AffineMap
     image_to_shared: AffineMap
+    features: np.ndarray
     mlp_mode: str = "shift"
     info: dict[str, Any] = field(default_factory=dict)
 
-    def seed(self, connector: Any, features: np.ndarray, resampler_blocks: str = "pool") -> dict[str, float]:
+    def seed(self, connector: Any, resampler_blocks: str = "pool") -> dict[str, float]:
         """``connector.seed(...)`` with this map (each connector owns its recipe)."""
-        return connector.seed(self.image_to_lm, image_to_shared=self.image_to_shared, features=features,
+        return connector.seed(self.image_to_lm, image_to_shared=self.image_to_shared, features=self.features,
                               mlp_mode=self.mlp_mode, resampler_blocks=resampler_blocks)
 
 
@@ -160,7 +163,8 @@ def fit_seed_map(cfg: Config, bd: BridgeData) -> SeedMap:
     info["calibration"] = calib
     info["seconds"] = round(time.perf_counter() - t0, 2)
     log.info("seed map: %s", info)
-    return SeedMap(image_to_lm.scaled(scale), aligner_map(aligner, "image"), mode, info)
+    sample = bd.tokens[data.splits["train"][:SEED_SAMPLE]]
+    return SeedMap(image_to_lm.scaled(scale), aligner_map(aligner, "image"), sample, mode, info)
 
 
 def calibrate(cfg: Config, bd: BridgeData, image_to_lm: AffineMap) -> tuple[float, str, dict[str, Any]]:

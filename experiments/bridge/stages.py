@@ -83,7 +83,7 @@ def build_model(cfg: Config, bd: BridgeData, name: str, init: str, seed_map: Any
     if init == "seeded":
         if seed_map is None:
             raise ValueError("init 'seeded' needs the run's seed map")
-        info = seed_map.seed(connector, bd.tokens[bd.data.splits["train"][:256]], cfg.seeding.resampler_blocks)
+        info = seed_map.seed(connector, cfg.seeding.resampler_blocks)
     model = MultimodalLM(bd.llm, bd.tokenizer, connector, prompt=cfg.llm.prompt,
                          max_caption_tokens=cfg.llm.max_caption_tokens, style_tokens=cfg.method.style_tokens,
                          head_dtype=torch.bfloat16 if cfg.llm.head_bf16 else None,

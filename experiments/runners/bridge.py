@@ -127,7 +127,7 @@ def _export_best(runs: dict[str, dict[str, Any]], models: dict[str, Any], bd: Br
         extra.update(trained=True, caption_nll=runs[best]["caption_nll"])
     elif seed_map is not None:
         connector = build_connector("linear", bd.tokens.shape[-1], bd.llm.get_input_embeddings().embedding_dim)
-        seed_map.seed(connector, bd.tokens[bd.data.splits["train"][:256]])
+        seed_map.seed(connector)
         name, extra["trained"] = "linear (the seed map, untrained)", False
     else:
         return None
