@@ -187,12 +187,12 @@ def test_dataset_cache_rebuilds_swapped_split_files(tmp_path, caplog, fresh):
 _KILLED_DATASET_WRITER = """
 import os, sys
 import experiments.data.shapesworld as sw
-real = sw.save_json
+real = sw.dataset.save_json  # ShapesWorld.save writes through it
 def dying(path, obj):
     if path.name == "scenes.json":
         os._exit(9)
     real(path, obj)
-sw.save_json = dying
+sw.dataset.save_json = dying
 sw.load_shapesworld(cache_dir=sys.argv[1], n_scenes=24, image_size=32, seed=2)
 """
 

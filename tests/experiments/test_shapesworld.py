@@ -306,18 +306,18 @@ def test_cache_round_trip_reads_the_cache_the_second_time(tmp_path, monkeypatch)
 
 
 def test_interrupted_cache_write_leaves_no_cache(tmp_path, monkeypatch):
-    real = sw.save_json
+    real = sw.dataset.save_json  # ShapesWorld.save writes through it
 
     def crash(path, obj):
         if path.name == "scenes.json":
             raise KeyboardInterrupt("simulated crash while writing")
         real(path, obj)
 
-    monkeypatch.setattr(sw, "save_json", crash)
+    monkeypatch.setattr(sw.dataset, "save_json", crash)
     with pytest.raises(KeyboardInterrupt):
         load_shapesworld(n_scenes=10, image_size=32, cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither a half cache nor a temporary directory
-    monkeypatch.setattr(sw, "save_json", real)
+    monkeypatch.setattr(sw.dataset, "save_json", real)
     data = load_shapesworld(n_scenes=10, image_size=32, cache_dir=tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [f"shapesworld-{data.fingerprint}"]
 
