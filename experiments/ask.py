@@ -40,6 +40,16 @@ def _llm(name: str):
     return load_llm(name)
 
 
+def connector_from_saved(config: dict[str, Any]) -> torch.nn.Module:
+    """A saved connector from ``bridge.json``'s ``connector``: a registered one (:func:`connector_from_config`) or one
+    an init builds outside the registry (the ``stage1`` init's Q-Former connector,
+    :func:`experiments.qformer_bridge.saved_connector`)."""
+    from experiments.qformer_bridge import saved_connector
+
+    conn = saved_connector(config)
+    return connector_from_config(config) if conn is None else conn
+
+
 def load_bridge(run_dir: str | Path) -> MultimodalLM:
     """The trained :class:`MultimodalLM` of a run, with its frozen vision encoder attached (``chat`` on raw images)."""
     d = find_model_dir(run_dir)
@@ -52,7 +62,7 @@ def load_bridge(run_dir: str | Path) -> MultimodalLM:
     v = meta["vision"]
     tower = VisionTower(vision_encoder(v["encoder"], v.get("options", {}), v["image_size"]), v.get("tokens"))
     llm, tokenizer = _llm(meta["llm"])
-    model = MultimodalLM(llm, tokenizer, connector_from_config(meta["connector"]), prompt=meta["prompt"],
+    model = MultimodalLM(llm, tokenizer, connector_from_saved(meta["connector"]), prompt=meta["prompt"],
                          max_caption_tokens=meta["max_caption_tokens"], vision=tower,
                          style_tokens=meta.get("style_tokens", 0))
     model.load_state_dict(torch.load(d / CONNECTOR_FILE, map_location="cpu", weights_only=True))

@@ -53,6 +53,10 @@ def train_stage1_aligner(bd: Any, cfg: Any, steps: int | None = None, options: M
     from experiments.trainer import TrainConfig, Trainer
 
     opts = stage1_options(cfg, options)
+    if negatives_per_image > 0 and getattr(bd.data, "scenes", None) is None:
+        log.info("stage-1 Q-Former: %s has no scene metadata, so no compositional ITM negatives (in-batch mining only)",
+                 getattr(bd.data, "name", "the data"))
+        negatives_per_image = 0
     tr_opts = {**TRAIN_DEFAULTS, **dict(train or {})}
     steps = int(steps if steps is not None else cfg.seeding.aligner_steps)
     seed = int(cfg.seeds[0] if seed is None else seed)
@@ -103,3 +107,42 @@ def stage1_qformer_connector(bd: Any, cfg: Any, cache_dir: str | Path | None = N
     conn = qformer_connector(aligner, lm_dim, freeze_qformer=freeze_qformer)
     conn.stage1_info = info
     return conn
+
+
+def build_stage1(name: str, bd: Any, cfg: Any) -> Any:
+    """The ``stage1`` init of connector ``name`` from the bridge config's ``stage1`` section (steps, aligner options,
+    trainer options, negatives, freezing), the aligner cached under ``cache_root()/qformer_stage1``."""
+    if name not in STAGE1_BUILDERS:
+        raise ValueError(f"connector {name!r} has no stage1 init; stage1 applies to: {', '.join(STAGE1_BUILDERS)}")
+    s = cfg.stage1
+    return STAGE1_BUILDERS[name](bd, cfg, cache_dir=Path(cfg.cache_root()) / "qformer_stage1", steps=s.steps,
+                                 options=s.options, freeze_qformer=s.freeze_qformer, train=s.train,
+                                 negatives_per_image=s.negatives_per_image)
+
+
+def saved_connector(config: Mapping[str, Any]) -> Any | None:
+    """The connector a ``stage1`` init built, rebuilt from its saved ``config`` (``bridge.json``'s ``connector``);
+    ``None`` when ``config`` names another connector (a registered one: ``align.connectors.connector_from_config``)."""
+    from align.qformer_aligner import QFormerConnector
+
+    classes = {QFormerConnector.name: QFormerConnector}
+    cls = classes.get(config.get("name"))
+    return None if cls is None else cls(**{k: v for k, v in config.items() if k != "name"})
+
+
+def check_stage1_section(section: Any, where: str) -> None:
+    """Option names of the config's ``stage1`` section: aligner options (QFormerAligner's constructor) and trainer
+    options (:data:`TRAIN_DEFAULTS`); a ``ConfigError`` names the key."""
+    from align.qformer_aligner import QFormerAligner
+    from experiments.config import ConfigError, check_kwargs
+
+    check_kwargs(QFormerAligner, section.options, f"{where}: stage1.options", skip=("image_dim",))
+    unknown = sorted(set(section.train) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(f'stage1.train.{k}' for k in unknown)}; valid keys of "
+                          f"stage1.train: {', '.join(TRAIN_DEFAULTS)}")
+
+
+#: the ``stage1`` init per bridge connector: the connector name → a builder ``(bd, cfg, cache_dir=, steps=, options=,
+#: freeze_qformer=, train=, negatives_per_image=) → connector`` (a connector listed here supports ``inits: [stage1]``)
+STAGE1_BUILDERS: dict[str, Any] = {"qformer": stage1_qformer_connector}

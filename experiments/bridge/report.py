@@ -29,8 +29,9 @@ def _steps_to_reach(curve: list[list[float]], level: float) -> int | None:
 
 
 def comparisons(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Seeded vs random per connector: NLL gains and the step at which seeded reaches random's final val NLL."""
-    out = {}
+    """Per connector: seeded vs random (NLL gains and the step at which seeded reaches random's final val NLL) and,
+    for a connector with a ``stage1`` run, ``"stage1"``: :func:`stage1_comparison`."""
+    out: dict[str, dict[str, Any]] = {}
     for key, seeded in runs.items():
         name, init = key.split("/")
         random = runs.get(f"{name}/random")
@@ -43,7 +44,32 @@ def comparisons(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                                  if "attribute_accuracy" in seeded else None),
                      "random_final_val_nll": random["val_caption_nll"], "seeded_steps_to_reach_random_final": reach,
                      "fraction_of_random_steps": None if reach is None else reach / max(random["steps"], 1)}
+    for key in runs:
+        name, init = key.split("/")
+        if init == "stage1" and f"{name}/random" in runs:
+            out.setdefault(name, {})["stage1"] = stage1_comparison(runs, name)
     return out
+
+
+def stage1_comparison(runs: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """The stage-1 init against ``name/random`` (issue #15's bridge goal): the first validation step at which
+    ``name/stage1`` reaches random's final val NLL and its fraction of random's steps (goal: ≤ ⅓), NLL gains, and the
+    image gain vs shuffled of each of ``name``'s rows (goal: stage1's is the largest)."""
+    st, random = runs[f"{name}/stage1"], runs[f"{name}/random"]
+    reach = _steps_to_reach(st["curves"]["val_caption_nll"], random["val_caption_nll"])
+    frac = None if reach is None else reach / max(random["steps"], 1)
+    gains = {k.split("/")[1]: r["gain_vs_shuffled"] for k, r in runs.items()
+             if k.split("/")[0] == name and r.get("gain_vs_shuffled")}
+    best = max(gains, key=lambda i: gains[i]["gain"]) if gains else None
+    return {"random_final_val_nll": random["val_caption_nll"], "stage1_final_val_nll": st["val_caption_nll"],
+            "stage1_steps_to_reach_random_final": reach, "random_steps": random["steps"],
+            "fraction_of_random_steps": frac, "within_a_third": frac is not None and frac <= 1 / 3,
+            "step0_nll_gain": random["caption_nll_step0"] - st["caption_nll_step0"],
+            "final_nll_gain": random["caption_nll"] - st["caption_nll"],
+            "image_gain_vs_shuffled": gains, "largest_image_gain": best,
+            "stage1_has_largest_image_gain": best == "stage1",
+            "stage1_aligner": {k: st.get("seed_info", {}).get(k) for k in ("steps", "train_seconds", "params",
+                                                                           "loaded", "key")}}
 
 
 def _attributes(r: dict[str, Any]) -> str:
@@ -68,7 +94,7 @@ def format_results(results: dict[str, Any]) -> str:
                      if "hard_negative_ranking" in r else "–",
                      r["steps"], _f(r["train_seconds"], 0), f"{r['n_trainable']:,}"])
     text = markdown_table(headers, rows)
-    comp = results.get("comparisons") or {}
+    comp = {n: c for n, c in (results.get("comparisons") or {}).items() if "final_nll_gain" in c}
     if comp:
         text += "\n\n" + markdown_table(
             ["connector", "step-0 NLL gain (random − seeded)", "final NLL gain", "attr acc gain (points)",
@@ -76,9 +102,33 @@ def format_results(results: dict[str, Any]) -> str:
             [[n, _f(c["step0_nll_gain"]), _f(c["final_nll_gain"]),
               "–" if c["attribute_accuracy_gain"] is None else _f(c["attribute_accuracy_gain"] * 100, 0),
               _f(c["random_final_val_nll"]), _f(c["seeded_steps_to_reach_random_final"])] for n, c in comp.items()])
+    stage1 = {n: c["stage1"] for n, c in (results.get("comparisons") or {}).items() if "stage1" in c}
+    if stage1:
+        text += "\n\n" + format_stage1(stage1)
+    if results.get("skipped"):
+        text += "\n\nNot run (the init does not apply): " + "; ".join(
+            f"`{s['run']}` ({s['reason']})" for s in results["skipped"]) + "."
     if results.get("vqa"):
         text += "\n\n" + format_vqa(results["vqa"])
     return text
+
+
+def format_stage1(stage1: dict[str, dict[str, Any]]) -> str:
+    """The stage-1 (BLIP-2 first stage) init against random, per connector: :func:`stage1_comparison`."""
+    rows = []
+    for n, c in stage1.items():
+        reach = c["stage1_steps_to_reach_random_final"]
+        gains = ", ".join(f"{i} {g['gain']:.3f}" for i, g in c["image_gain_vs_shuffled"].items())
+        a = c["stage1_aligner"]
+        rows.append([n, _f(c["random_final_val_nll"]), _f(c["stage1_final_val_nll"]),
+                     "not reached" if reach is None else f"{reach} of {c['random_steps']} "
+                                                         f"({c['fraction_of_random_steps']:.2f})",
+                     "yes" if c["within_a_third"] else "no", gains or "–", c["largest_image_gain"] or "–",
+                     f"{a.get('steps')} steps, {_f(a.get('train_seconds'), 0)} s"
+                     f"{' (cached)' if a.get('loaded') else ''}, {a.get('params') or 0:,} params"])
+    return markdown_table(["connector", "random final val NLL", "stage1 final val NLL",
+                           "stage1 steps to reach it (fraction)", "≤ ⅓ of random's steps", "image gain vs shuffled",
+                           "largest gain", "stage-1 aligner"], rows)
 
 
 def format_vqa(vqa: dict[str, Any]) -> str:
@@ -119,9 +169,9 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> Path:
                 panels.setdefault(name, {})[line] = ([c[0] for c in curve], [c[1] for c in curve])
                 styles[line] = style
     return curve_panels(path, panels, xlabel="optimiser step", ylabel="caption NLL per token (nats)",
-                        title="ShapesWorld captioning: seeded vs random connector init", styles=styles,
-                        colours={f"{i} {s}": c for i, c in (("seeded", "tab:blue"), ("random", "tab:red"))
-                                 for s in ("val", "train")})
+                        title="ShapesWorld captioning: connector inits", styles=styles,
+                        colours={f"{i} {s}": c for i, c in (("seeded", "tab:blue"), ("random", "tab:red"),
+                                                            ("stage1", "tab:green")) for s in ("val", "train")})
 
 
 def markdown(results: dict[str, Any]) -> str:

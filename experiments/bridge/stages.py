@@ -1,7 +1,9 @@
 """The two training stages of a bridge model (LLaVA's recipe) and the files a trained model is kept in.
 
 * :func:`build_model` — a :class:`MultimodalLM` over the run's frozen LM: connector (seeded by the
-  :class:`~experiments.bridge.seed.SeedMap` or random), style tokens, content-word loss weights.
+  :class:`~experiments.bridge.seed.SeedMap`, random, or ``stage1``: a stage-1 Q-Former's query path + a new
+  projection, :mod:`experiments.qformer_bridge`), style tokens, content-word loss weights.
+  :func:`connector_inits` says which inits a connector supports.
 * :func:`train_stage1` — captions → connector (+ style tokens), through the shared Trainer.
 * :func:`train_stage2` — generated dialogues → connector + LoRA adapter of the LM (peft), same Trainer.
 * :func:`save_model` / :func:`experiments.ask.load_bridge` — ``bridge.json`` (how to rebuild it),
@@ -22,9 +24,10 @@ from align.connectors import build_connector
 from align.mllm import MultimodalLM
 from align.mllm_data import DialogueDataset
 from align.weights import write_file_atomically
-from experiments.bridge.config import Config
+from experiments.bridge.config import INITS, Config
 from experiments.bridge.evaluate import corpus_nll
 from experiments.bridge.features import BridgeData
+from experiments.config import ConfigError
 from experiments.data.shapesworld import COLOUR_WORDS, SHAPE_WORDS
 from experiments.trainer import TrainResult, Trainer, param_groups
 
@@ -69,17 +72,56 @@ def content_weights(tokenizer: Any, weight: float) -> torch.Tensor | None:
     return w
 
 
+def connector_inits(name: str) -> tuple[str, ...]:
+    """The inits connector ``name`` supports: its class's ``inits`` attribute (default :data:`INITS`: seeded,
+    random), plus ``stage1`` where :data:`experiments.qformer_bridge.STAGE1_BUILDERS` has a builder for it."""
+    from align.connectors import CONNECTORS
+    from experiments.qformer_bridge import STAGE1_BUILDERS
+
+    base = tuple(getattr(CONNECTORS.get(name), "inits", INITS))
+    return base + (("stage1",) if name in STAGE1_BUILDERS and "stage1" not in base else ())
+
+
+def check_inits(cfg: Config, where: str) -> None:
+    """Every listed init applies to at least one listed connector (``inits``) and to the stage-2 connector
+    (``stage2.inits``); the ``stage1`` section's option names when ``stage1`` is listed. Raises ``ConfigError``."""
+    from align.connectors import CONNECTORS
+
+    for init in cfg.inits:
+        if not any(init in connector_inits(n) for n in cfg.connectors):
+            fits = [n for n in CONNECTORS.names() if init in connector_inits(n)]
+            raise ConfigError(f"{where}: inits: {init!r} applies to none of connectors {cfg.connectors} (it applies "
+                              f"to: {', '.join(fits)}); list one of those connectors or drop {init!r}")
+    s2 = cfg.stage2.connector or cfg.connectors[0]
+    bad = [i for i in cfg.stage2.inits if i not in connector_inits(s2)]
+    if cfg.stage2.enabled and bad:
+        raise ConfigError(f"{where}: stage2.inits: {bad} do not apply to the stage-2 connector {s2!r} (it supports "
+                          f"{list(connector_inits(s2))}); set stage2.connector or drop them")
+    if "stage1" in cfg.inits:
+        from experiments.qformer_bridge import check_stage1_section
+
+        check_stage1_section(cfg.stage1, where)
+
+
 def build_model(cfg: Config, bd: BridgeData, name: str, init: str, seed_map: Any | None
-                ) -> tuple[MultimodalLM, dict[str, float]]:
-    """The connector (seeded or random, with the run's seed) inside a MultimodalLM over the frozen LM."""
+                ) -> tuple[MultimodalLM, dict[str, Any]]:
+    """The connector (seeded, random, or from a stage-1 aligner, with the run's seed) inside a MultimodalLM over the
+    frozen LM."""
     d_v, d_lm = bd.tokens.shape[-1], bd.llm.get_input_embeddings().embedding_dim
+    if init not in connector_inits(name):
+        raise ValueError(f"connector {name!r} has no init {init!r} (it supports {list(connector_inits(name))})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seeds[0])
-        connector = build_connector(name, d_v, d_lm, num_lm_layers=bd.llm.config.num_hidden_layers,
-                                    **cfg.connector_options.get(name, {}))
+        if init == "stage1":  # the trained (or cached) stage-1 aligner's query path + a new projection
+            from experiments.qformer_bridge import build_stage1
+
+            connector = build_stage1(name, bd, cfg)
+        else:
+            connector = build_connector(name, d_v, d_lm, num_lm_layers=bd.llm.config.num_hidden_layers,
+                                        **cfg.connector_options.get(name, {}))
     if hasattr(connector, "bind"):  # a connector over the LM's own word embeddings (word_mixture)
         connector.bind(bd.llm, bd.tokenizer, bd.data.flat_captions("train")[0])
-    info: dict[str, float] = {}
+    info: dict[str, Any] = dict(getattr(connector, "stage1_info", {}))
     if init == "seeded":
         if seed_map is None:
             raise ValueError("init 'seeded' needs the run's seed map")

@@ -9,6 +9,8 @@ Pipeline (``alignfuse run bridge_shapesworld``)::
          ▼                                                    (experiments.bridge.seed.fit_seed_map)
     stage 1, per connector × init: MultimodalLM(frozen LM, connector, style tokens) on captions
          ▼                                                    (experiments.bridge.stages)
+         (init stage1, for the qformer connector: a Q-Former aligner trained first on the image tokens and
+          captions, BLIP-2's first stage; its query path + a new projection; experiments.qformer_bridge)
     stage 2, per stage2.inits: + LoRA adapter on generated dialogues (experiments.data.vqa)
          ▼
     results.json, report_bridge.md, bridge_loss_curves.png, projector/ (LLaVA), model/ (for `alignfuse ask`)
@@ -36,7 +38,8 @@ from experiments.bridge.config import Config, validate  # noqa: F401  (Config: t
 from experiments.bridge.evaluate import evaluate_captions, evaluate_vqa
 from experiments.bridge.features import BridgeData, prepare
 from experiments.bridge.seed import SeedMap, fit_seed_map
-from experiments.bridge.stages import build_model, dialogue_set, save_model, train_stage1, train_stage2
+from experiments.bridge.stages import (build_model, connector_inits, dialogue_set, save_model, train_stage1,
+                                       train_stage2)
 from experiments.config import dump, load_config
 from experiments.data.vqa import majority_answers, make_dialogues, make_questions
 from experiments.report import write_json, write_text_atomic
@@ -147,15 +150,21 @@ def run(cfg: Config) -> dict[str, Any]:
     setup = {**bd.setup, **({"seed_map": seed_map.info} if seed_map else {})}
     runs: dict[str, dict[str, Any]] = {}
     models: dict[str, Any] = {}
+    skipped: list[dict[str, str]] = []  # connector × init combinations that do not apply (e.g. stage1 for linear)
     try:
         for name in cfg.connectors:
             for init in cfg.inits:
+                if init not in connector_inits(name):
+                    why = f"connector {name!r} has no {init!r} init (it supports {', '.join(connector_inits(name))})"
+                    log.info("=== %s/%s skipped: %s ===", name, init, why)
+                    skipped.append({"run": f"{name}/{init}", "reason": why})
+                    continue
                 log.info("=== %s/%s ===", name, init)
                 runs[f"{name}/{init}"], models[f"{name}/{init}"] = _stage1(cfg, bd, seed_map, name, init, out_dir)
         t_s2 = time.perf_counter()
         vqa = _stage2(cfg, bd, models, out_dir) if cfg.stage2.enabled else None
         results: dict[str, Any] = {"config": dump(cfg), "setup": setup, "runs": runs,
-                                   "comparisons": report.comparisons(runs)}
+                                   "comparisons": report.comparisons(runs), "skipped": skipped}
         if vqa is not None:
             vqa["seconds"] = round(time.perf_counter() - t_s2, 1)
             results["vqa"] = vqa
