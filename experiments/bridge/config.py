@@ -17,7 +17,8 @@ from experiments.config import (ConfigError, DataSection, NonNegFloat, NonNegInt
 CHATML_PROMPT = "<|im_start|>user\n{image}\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"
 #: a short caption prompt (the image, then "Caption:"): 2 tokens after the image instead of ~15
 SHORT_PROMPT = "Caption:"
-INITS = ("seeded", "random")
+INITS = ("seeded", "random")  # the default inits; "stage1" (a stage-1 Q-Former) applies to the qformer connector
+Init = Literal["seeded", "random", "stage1"]
 
 
 class DataConfig(DataSection):
@@ -85,6 +86,18 @@ class SeedingConfig(Section):
     fit_on: Literal["tokens", "pooled"] = "tokens"
 
 
+class Stage1Config(Section):
+    """The ``stage1`` init (BLIP-2's first stage, :mod:`experiments.qformer_bridge`): a Q-Former aligner trained on
+    the run's image tokens and training captions (ITC + ITM + ITG), cached under ``cache_dir/qformer_stage1``; its
+    query path + a new projection into the LM is the connector, then trained like the other inits."""
+
+    steps: PositiveInt = 150  # aligner training steps
+    options: dict[str, Any] = Field(default_factory=dict)  # QFormerAligner options over STAGE1_DEFAULTS
+    train: dict[str, Any] = Field(default_factory=dict)  # batch_size, lr, weight_decay, grad_clip
+    negatives_per_image: NonNegInt = 6  # compositional ITM negatives per training scene (ShapesWorld only)
+    freeze_qformer: StrictBool = False  # bridge training then moves only the projection (+ style tokens)
+
+
 class EvalConfig(Section):
     n_eval_images: int = Field(24, ge=2)
     captions_per_image: PositiveInt = 2
@@ -98,7 +111,7 @@ class Stage2Config(Section):
     """Visual instruction tuning: LoRA on the LM + the connector, answer loss on generated dialogues."""
 
     enabled: StrictBool = True
-    inits: list[Literal["seeded", "random"]] = Field(default_factory=lambda: list(INITS))
+    inits: list[Init] = Field(default_factory=lambda: list(INITS))
     connector: Optional[str] = None  # which stage-1 connector continues (default: the first listed)
     dialogues_per_scene: PositiveInt = 2
     max_turns: PositiveInt = 3
@@ -122,9 +135,10 @@ class Config(RunConfig):
     vision: VisionConfig = VisionConfig()
     connectors: list[str] = Field(default_factory=lambda: ["mlp2x_gelu"], min_length=1)
     connector_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    inits: list[Literal["seeded", "random"]] = Field(default_factory=lambda: list(INITS), min_length=1)
+    inits: list[Init] = Field(default_factory=lambda: list(INITS), min_length=1)
     method: MethodConfig = MethodConfig()
     seeding: SeedingConfig = SeedingConfig()
+    stage1: Stage1Config = Stage1Config()
     train: TrainSection = TrainSection(max_steps=150, batch_size=8, lr=6e-4, weight_decay=0.0, warmup_steps=3,
                                        min_lr_ratio=0.1, grad_clip=1.0, eval_every=10, log_every=5,
                                        monitor="val_caption_nll", mode="min", save_every=None)
@@ -165,6 +179,9 @@ def validate(cfg: Config, where: str) -> Config:
                                 source=where)
     if cfg.stage2.connector is not None and cfg.stage2.connector not in cfg.connectors:
         raise ConfigError(f"{where}: stage2.connector {cfg.stage2.connector!r} is not in connectors {cfg.connectors}")
+    from experiments.bridge.stages import check_inits
+
+    check_inits(cfg, where)  # each listed init applies to a listed connector; stage1's options
     if cfg.data.name != "shapesworld":  # an image–caption set: its loader, options and paths; no scene metadata
         from experiments.views import check_data_section
 
