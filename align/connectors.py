@@ -25,7 +25,8 @@ FFN, both gates initialised to 0) that run before every ``every``-th frozen deco
 ``model.model.layers`` (the hook replaces the layer's input hidden states by the block's
 output), so the LM's module tree and state dict stay untouched and :meth:`detach` restores it
 exactly; the image features are set per forward with ``with connector.conditioned(features):``.
-With the gates at 0 the LM computes exactly what it computed before (:mod:`align.xattn`).
+With the gates at 0 the LM computes exactly what it computed before. It lives in :mod:`align.xattn`, which
+imports this module (never the other way round); ``align.connectors.GatedXAttnConnector`` still names it.
 
 Every connector **keeps its constructor arguments** (``connector.config``: name, dims, options; the
 checkpoint format, :func:`connector_from_config` rebuilds it) and **owns its seeding**
@@ -369,4 +370,13 @@ def connector_from_config(cfg: dict[str, Any]) -> nn.Module:
     return build_connector(cfg.pop("name"), **cfg)
 
 
-from align.xattn import GatedXAttnBlock, GatedXAttnConnector  # noqa: E402  (registers gated_xattn)
+def __getattr__(name: str) -> Any:
+    """``from align.connectors import GatedXAttnConnector`` (or ``GatedXAttnBlock``): they live in
+    :mod:`align.xattn`, which builds on this module (``Connector``, ``CONNECTORS``), so they are imported on
+    first use. Registration needs no import here: the registry discovers ``align.xattn`` by its
+    ``@CONNECTORS.register`` line."""
+    if name in ("GatedXAttnBlock", "GatedXAttnConnector"):
+        import align.xattn
+
+        return getattr(align.xattn, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
