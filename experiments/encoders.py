@@ -11,7 +11,9 @@ registry name          modality  outputs (``kinds``), per input row
 =====================  ========  ==========================================================================
 
 All are frozen, ``eval()``, and run under ``torch.inference_mode``. The open_clip towers live in
-:mod:`experiments.encoders_open_clip` (registered when this module is imported).
+:mod:`experiments.encoders_open_clip`. ``ENCODERS`` discovers its entries like ``ALIGNERS`` and ``CONNECTORS`` do
+(:mod:`align.registry`): on the first lookup it imports the modules of ``experiments`` whose code names
+``ENCODERS``, so a new encoder is one file ``experiments/<name>.py`` with ``@ENCODERS.register("name")``.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ ImageInput = Union[np.ndarray, Sequence[Any]]  # uint8 [N, H, W, 3] or a list of
 TextInput = Sequence[str]
 Features = dict[str, np.ndarray]
 
-ENCODERS: Registry = Registry("encoder")
+ENCODERS: Registry = Registry("encoder", package="experiments", symbol="ENCODERS")  # discovers experiments/*.py
 
 
 def build_encoder(name: str, **kwargs: Any) -> "FrozenEncoder":
@@ -334,6 +336,3 @@ def _file_tag(path: Path) -> str:
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     return f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-
-
-from experiments import encoders_open_clip  # noqa: E402,F401  (registers open_clip_image / open_clip_text)
