@@ -184,6 +184,14 @@ class MLPProjector(Connector, nn.Sequential):
 # ------------------------------------------------------------------------------------------ resamplers
 
 
+def _check_sizes(part: str, **sizes: Any) -> None:
+    """``ValueError`` naming the first size option that is not a positive int (``depth=-1`` would quietly build no
+    layers, ``heads=0`` divide by zero), so ``alignfuse run --dry-run`` reports it under the connector's key."""
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{part}: {key} must be a positive int, got {value!r}")
+
+
 def _ffn(dim: int, mult: int) -> nn.Sequential:
     """Pre-norm FFN ``LN → Linear → GELU → Linear`` (index 3 is the output layer)."""
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mult * dim), nn.GELU(), nn.Linear(mult * dim, dim))
@@ -293,6 +301,8 @@ class PerceiverResampler(_Resampler):
 
     def __init__(self, vision_dim: int, lm_dim: int, num_latents: int = 8, dim: int = 256, depth: int = 2,
                  heads: int = 4, ffn_mult: int = 4, max_inputs: int = 256) -> None:
+        _check_sizes(type(self).__name__, num_latents=num_latents, dim=dim, depth=depth, heads=heads,
+                     ffn_mult=ffn_mult, max_inputs=max_inputs)
         super().__init__(vision_dim, lm_dim, num_latents, dim, heads, max_inputs)
         self.layers = nn.ModuleList(_PerceiverLayer(dim, heads, ffn_mult) for _ in range(depth))
 
@@ -342,6 +352,8 @@ class QFormer(_Resampler):
 
     def __init__(self, vision_dim: int, lm_dim: int, num_queries: int = 8, dim: int = 256, depth: int = 2,
                  heads: int = 4, ffn_mult: int = 4, max_inputs: int = 256) -> None:
+        _check_sizes(type(self).__name__, num_queries=num_queries, dim=dim, depth=depth, heads=heads,
+                     ffn_mult=ffn_mult, max_inputs=max_inputs)
         super().__init__(vision_dim, lm_dim, num_queries, dim, heads, max_inputs)
         self.layers = nn.ModuleList(_QFormerLayer(dim, heads, ffn_mult) for _ in range(depth))
 

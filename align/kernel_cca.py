@@ -61,16 +61,40 @@ class KernelCCA(InputSpec):
                 f"gamma_y={self.gamma_y!r}, reg={self.reg}, reg_mode={self.reg_mode!r}, solver={self.solver!r}, "
                 f"seed={self.seed}, modalities={self.modalities})")
 
+    def _check_params(self) -> None:
+        """A bad option raises ``ValueError`` naming it. Called by :meth:`fit` (the constructor only stores, as in
+        scikit-learn) and by ``alignfuse run --dry-run`` (:func:`experiments.part_options.check_build`)."""
+        for name in ("n_components", "n_features"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, choices in (("gamma", "'scale'"), ("gamma_y", "None, 'scale'")):
+            value = getattr(self, name)
+            if value == "scale" or (value is None and name == "gamma_y"):
+                continue
+            if (isinstance(value, (str, bool)) or not isinstance(value, (int, float, np.number))
+                    or not np.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} must be {choices} or a positive number, got {value!r}")
+        if isinstance(self.reg, (str, bool)) or not np.isfinite(self.reg) or self.reg < 0:
+            raise ValueError(f"reg must be a finite number >= 0, got {self.reg!r}")
+        if self.reg_mode not in ("relative", "absolute"):
+            raise ValueError(f"reg_mode must be 'relative' or 'absolute', got {self.reg_mode!r}")
+        if self.solver not in ("auto", "covariance", "gram"):
+            raise ValueError(f"solver must be 'auto', 'covariance' or 'gram', got {self.solver!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if len(self.modalities) != 2 or self.modalities[0] == self.modalities[1]:
+            raise ValueError(f"modalities must be two distinct names, got {self.modalities!r}")
+
     def fit(self, X: ArrayLike, Y: ArrayLike) -> "KernelCCA":
         """Draw the random features and fit the linear CCA on them; ``X`` [n, p], ``Y`` [n, q]."""
         from sklearn.kernel_approximation import RBFSampler
 
+        self._check_params()
         X = _as_float64_2d("X", X)
         Y = _as_float64_2d("Y", Y)
         if Y.shape[0] != X.shape[0]:
             raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}: CCA needs paired rows")
-        if not isinstance(self.n_features, (int, np.integer)) or self.n_features < 1:
-            raise ValueError(f"n_features must be a positive int, got {self.n_features!r}")
         gy = self.gamma if self.gamma_y is None else self.gamma_y
         rx = RBFSampler(gamma=self.gamma, n_components=self.n_features, random_state=self.seed).fit(X)
         ry = RBFSampler(gamma=gy, n_components=self.n_features, random_state=self.seed + 1).fit(Y)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from align.connectors import CONNECTORS, Connector, _ffn
+from align.connectors import CONNECTORS, Connector, _check_sizes, _ffn
 from align.llm import decoder_layers
 from align.seeding import AffineMap, flat_tokens, map_r2, ridge
 
@@ -68,6 +68,7 @@ class GatedXAttnConnector(Connector, nn.Module):
         nn.Module.__init__(self)
         if every < 1 or num_lm_layers < 1:
             raise ValueError(f"gated_xattn needs every >= 1 and num_lm_layers >= 1, got {every}, {num_lm_layers}")
+        _check_sizes(type(self).__name__, heads=heads, ffn_mult=ffn_mult)
         self.vision_dim, self.lm_dim = vision_dim, lm_dim
         self.num_lm_layers, self.every = num_lm_layers, every
         self.layer_ids = list(range(0, num_lm_layers, every))
