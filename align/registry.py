@@ -1,7 +1,8 @@
 """A tiny name → factory registry, so configs select parts by name.
 
-Used by ``align`` (aligners, connectors) and ``fusion`` (strategies). An unknown name fails with the list of
-known ones, before any work is done.
+Used by ``align`` (aligners, connectors), ``fusion`` (strategies) and ``experiments`` (frozen encoders,
+``experiments.encoders.ENCODERS``), all four with discovery. An unknown name fails with the list of known ones,
+before any work is done.
 
 **Discovery: the decorator line is the only registration.** A registry made with ``package=`` and ``symbol=``
 (e.g. ``Registry("aligner", package="align", symbol="ALIGNERS")``) imports, on its first lookup, every public
