@@ -5,10 +5,12 @@ The image side is the grid of patch features (``[B, P=h*w, d_img]``, e.g. Mobile
 text side is a caption graph (word nodes; adjacency, modifier→noun and
 subject→relation→object edges, see :mod:`align.graphs`). Each side runs edge-type-aware
 convolutions (``RGCNConv`` or ``TransformerConv`` with edge-type features) and an attention
-readout (``AttentionalAggregation``), so which adjective sits on which noun, and which noun
-is left of which, reach the embedding: "red circle left of blue square" and "blue circle left
-of red square" have the same bag of words but different graphs. Trained with
-``open_clip.loss.ClipLoss`` and a learnable logit scale.
+(or mean) readout, so which adjective sits on which noun, and which noun is left of which,
+reach the embedding: "red circle left of blue square" and "blue circle left of red square"
+have the same bag of words but different graphs. With ``skip=True`` a linear map of the mean
+input features is added to the readout, so the graph branch learns only what the structure
+adds (on few real pairs, the bare GNN overfits: see :class:`RelationalGraphEncoder`). Trained
+with ``open_clip.loss.ClipLoss`` and a learnable logit scale.
 
 Text batches: a :class:`align.graphs.GraphTensors`, the ``dict`` the default DataLoader
 collate makes of its per-caption items, a ``torch_geometric`` ``Batch``/``Data``, or a list
@@ -26,7 +28,7 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 from torch_geometric.nn import MessagePassing, RGCNConv, TransformerConv
-from torch_geometric.nn.aggr import AttentionalAggregation
+from torch_geometric.nn.aggr import AttentionalAggregation, MeanAggregation
 from torch_geometric.utils import scatter
 
 from align.base import ALIGNERS, GradientAligner
@@ -80,9 +82,19 @@ class FusedRGCNConv(MessagePassing):
         return projected[rows] * norm.unsqueeze(-1)
 
 
+POOLS = ("attention", "mean")
+
+
 class RelationalGraphEncoder(nn.Module):
     """Node features → ``layers`` edge-type-aware convolutions (residual, LayerNorm) →
-    attention pooling per graph → linear head. Returns ``[num_graphs, out_dim]``."""
+    pooling per graph (``pool``: ``"attention"``, ``AttentionalAggregation``, or ``"mean"``) →
+    dropout → linear head. Returns ``[num_graphs, out_dim]``.
+
+    ``skip``: add a linear map of the graph's mean *input* node features to the output (a
+    jumping-knowledge readout from layer 0). The graph branch then learns what the structure
+    adds to the bag of nodes, and cannot do worse than a linear head on pooled features when few
+    training pairs and small, noisy graphs (one noun, a 7x7 grid) make message passing overfit.
+    """
 
     def __init__(
         self,
@@ -95,8 +107,12 @@ class RelationalGraphEncoder(nn.Module):
         heads: int = 4,
         num_bases: int | None = None,
         dropout: float = 0.0,
+        pool: str = "attention",
+        skip: bool = False,
     ) -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if conv not in CONVS:
             raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
         if conv == "transformer" and hidden % heads:
@@ -120,11 +136,16 @@ class RelationalGraphEncoder(nn.Module):
                 self.convs.append(TransformerConv(hidden, hidden // heads, heads=heads, edge_dim=hidden))
             self.norms.append(nn.LayerNorm(hidden))
         self.dropout = nn.Dropout(dropout)
-        self.pool = AttentionalAggregation(
-            gate_nn=nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1)),
-            nn=nn.Sequential(nn.Linear(hidden, hidden), nn.GELU()),
+        self.pool = (
+            AttentionalAggregation(
+                gate_nn=nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1)),
+                nn=nn.Sequential(nn.Linear(hidden, hidden), nn.GELU()),
+            )
+            if pool == "attention"
+            else MeanAggregation()
         )
         self.head = nn.Linear(hidden, out_dim)
+        self.skip = nn.Linear(in_dim, out_dim) if skip else None
 
     def forward(
         self,
@@ -144,7 +165,10 @@ class RelationalGraphEncoder(nn.Module):
         for conv, norm in zip(self.convs, self.norms):
             m = conv(h, edge_index, edge_type) if edge_attr is None else conv(h, edge_index, edge_attr)
             h = norm(h + self.dropout(F.gelu(m)))
-        return self.head(self.pool(h, index=batch, dim_size=num_graphs))
+        out = self.head(self.dropout(self.pool(h, index=batch, dim_size=num_graphs)))
+        if self.skip is not None:
+            out = out + self.skip(scatter(x, batch, dim=0, dim_size=num_graphs, reduce="mean"))
+        return out
 
 
 @ALIGNERS.register("gnn")
@@ -156,6 +180,9 @@ class GNNAligner(GradientAligner):
     ``None`` to take the square grid of ``P`` patches. ``neighbourhood`` 4 or 8;
     ``conv`` ``"rgcn_fused"`` (default: R-GCN, :class:`FusedRGCNConv`), ``"rgcn"`` (PyG's
     ``RGCNConv``, same function, slower on CPU; allows ``num_bases``) or ``"transformer"``.
+    ``dropout`` on each layer's messages and on the pooled vector; ``pool`` and ``skip`` as in
+    :class:`RelationalGraphEncoder` (``pool="mean", skip=True, dropout=0.3`` for few, real
+    pairs: ``experiments/configs/tuxpaint.yaml``).
     """
 
     modalities = ("image", "text")
@@ -177,6 +204,8 @@ class GNNAligner(GradientAligner):
         pos_dim: int = 32,
         num_text_relations: int = NUM_TEXT_EDGE_TYPES,
         dropout: float = 0.0,
+        pool: str = "attention",
+        skip: bool = False,
         init_logit_scale: float = math.log(1 / 0.07),
         max_logit_scale: float = 100.0,
         local_loss: bool = False,
@@ -187,7 +216,8 @@ class GNNAligner(GradientAligner):
             image_dim=image_dim, text_dim=text_dim, embed_dim=embed_dim, hidden=hidden, layers=layers,
             conv=conv, heads=heads, num_bases=num_bases, neighbourhood=neighbourhood,
             grid_size=tuple(grid_size) if grid_size is not None else None, pos_dim=pos_dim,
-            num_text_relations=num_text_relations, dropout=dropout, init_logit_scale=init_logit_scale,
+            num_text_relations=num_text_relations, dropout=dropout, pool=pool, skip=skip,
+            init_logit_scale=init_logit_scale,
             max_logit_scale=max_logit_scale, local_loss=local_loss, gather_with_grad=gather_with_grad,
         )  # fmt: skip
         self.image_dim, self.text_dim, self.embed_dim = image_dim, text_dim, embed_dim
@@ -196,7 +226,7 @@ class GNNAligner(GradientAligner):
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.rank, self.world_size = 0, 1
         n_grid_rel = len(grid_offsets(neighbourhood))
-        common = dict(conv=conv, heads=heads, num_bases=num_bases, dropout=dropout)
+        common = dict(conv=conv, heads=heads, num_bases=num_bases, dropout=dropout, pool=pool, skip=skip)
         self.image_encoder = RelationalGraphEncoder(image_dim, hidden, embed_dim, layers, n_grid_rel, **common)
         self.text_encoder = RelationalGraphEncoder(text_dim, hidden, embed_dim, layers, num_text_relations, **common)
         self.image_pos = nn.Linear(pos_dim, hidden)

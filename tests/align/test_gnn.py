@@ -49,7 +49,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def builder() -> TextGraphBuilder:
-    return TextGraphBuilder()  # MiniLM static input embeddings, from the offline package
+    # MiniLM's static input embeddings (one row per word whatever the caption: the bag-of-words checks below
+    # need that); the default builder uses its contextual features (tests/align/test_graph_words.py)
+    return TextGraphBuilder(StaticWordEmbedder.from_minilm())
 
 
 # ----------------------------------------------------------------------------- text graphs
@@ -354,6 +356,32 @@ def test_save_load_round_trip(builder, tmp_path):
     torch.testing.assert_close(m2.encode("image", x), m.encode("image", x))
     torch.testing.assert_close(m2.encode("text", gt), m.encode("text", gt))
     assert m2.logit_scale.item() == 3.0
+
+
+def test_mean_pool_and_skip_readout():
+    """``skip``: output = graph branch + a linear map of the mean input node features; ``pool="mean"``."""
+    torch.manual_seed(0)
+    m = GNNAligner(16, 384, embed_dim=8, hidden=16, layers=1, pool="mean", skip=True, dropout=0.3).eval()
+    assert m.config["pool"] == "mean" and m.config["skip"] is True
+    x = torch.randn(3, 16, 16)
+    enc = m.image_encoder
+    with torch.no_grad():
+        enc.head.weight.zero_()
+        enc.head.bias.zero_()  # graph branch off: only the skip path is left
+        ref = torch.nn.functional.normalize(enc.skip(x.mean(1)), dim=-1)
+        torch.testing.assert_close(m.encode("image", x), ref)
+        # the same for caption graphs: the mean of each graph's own nodes, padding excluded
+        gt = GraphTensors.from_graphs([(torch.randn(n, 384), torch.zeros(2, 0, dtype=torch.long),
+                                        torch.zeros(0, dtype=torch.long)) for n in (1, 3)])
+        m.text_encoder.head.weight.zero_()
+        m.text_encoder.head.bias.zero_()
+        means = torch.stack([gt.x[0, :1].mean(0), gt.x[1, :3].mean(0)])
+        torch.testing.assert_close(m.encode("text", gt), torch.nn.functional.normalize(m.text_encoder.skip(means), dim=-1))
+    m2 = GNNAligner(**m.config)  # the options round-trip through config
+    assert m2.image_encoder.skip is not None and type(m2.image_encoder.pool).__name__ == "MeanAggregation"
+    assert GNNAligner(16, 384, embed_dim=8, hidden=16, layers=1).image_encoder.skip is None
+    with pytest.raises(ValueError, match="pool must be one of"):
+        GNNAligner(16, 384, embed_dim=8, hidden=16, layers=1, pool="max")
 
 
 def test_registry_and_distributed():
