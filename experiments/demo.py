@@ -43,14 +43,15 @@ DEMO_FUSION: dict[str, Any] = {
 }
 DEMO_BRIDGE: dict[str, Any] = {
     "data": {"n_scenes": 1500},
-    # word_mixture: image tokens as mixtures of the LM's own word embeddings, seeded from the aligned space
-    # (mlp2x_gelu collapsed to one caption in this budget; `alignfuse run bridge_shapesworld` compares all)
-    "connectors": ["word_mixture"],
+    # word_tags: the words the image's captions most likely use (regressed on the aligned space), shown to the
+    # LM as its own words (mlp2x_gelu collapsed to one caption in this budget and word_mixture lost a third of
+    # its grounding while learning the style; `alignfuse run bridge_shapesworld` compares all)
+    "connectors": ["word_tags"],
     "inits": ["seeded", "random"],
     "train": {"max_steps": 24, "eval_every": 12},
     "eval": {"n_eval_images": 16, "captions_per_image": 2, "n_val_captions": 16},
     # stage 2 for the seeded start only (~4 s a LoRA step on 2 cores)
-    "stage2": {"connector": "word_mixture", "inits": ["seeded"], "n_eval_scenes": 12, "train": {"max_steps": 24}},
+    "stage2": {"connector": "word_tags", "inits": ["seeded"], "n_eval_scenes": 12, "train": {"max_steps": 24}},
 }
 
 

@@ -36,18 +36,20 @@ SEED_SAMPLE = 256  # training images whose tokens connectors' seeding recipes ca
 @dataclass(frozen=True)
 class SeedMap:
     """The composed map image tokens → LLM embeddings (scaled), the image → shared map, a sample of training
-    image tokens ``features`` [n, M, d_v] (what connectors' recipes calibrate on), and diagnostics."""
+    image tokens ``features`` [n, M, d_v] with the captions of each sample image ``texts`` (what connectors'
+    recipes calibrate on), and diagnostics."""
 
     image_to_lm: AffineMap
     image_to_shared: AffineMap
     features: np.ndarray
     mlp_mode: str = "shift"
     info: dict[str, Any] = field(default_factory=dict)
+    texts: list[list[str]] = field(default_factory=list)
 
     def seed(self, connector: Any, resampler_blocks: str = "pool") -> dict[str, float]:
         """``connector.seed(...)`` with this map (each connector owns its recipe)."""
         return connector.seed(self.image_to_lm, image_to_shared=self.image_to_shared, features=self.features,
-                              mlp_mode=self.mlp_mode, resampler_blocks=resampler_blocks)
+                              texts=self.texts, mlp_mode=self.mlp_mode, resampler_blocks=resampler_blocks)
 
 
 def aligner_pairs(fit_on: str, pooled: np.ndarray, grid: np.ndarray, image_idx: np.ndarray, t2i: np.ndarray,
@@ -163,8 +165,9 @@ def fit_seed_map(cfg: Config, bd: BridgeData) -> SeedMap:
     info["calibration"] = calib
     info["seconds"] = round(time.perf_counter() - t0, 2)
     log.info("seed map: %s", info)
-    sample = bd.tokens[data.splits["train"][:SEED_SAMPLE]]
-    return SeedMap(image_to_lm.scaled(scale), aligner_map(aligner, "image"), sample, mode, info)
+    sample_idx = data.splits["train"][:SEED_SAMPLE]
+    return SeedMap(image_to_lm.scaled(scale), aligner_map(aligner, "image"), bd.tokens[sample_idx], mode, info,
+                   texts=[list(data.captions[i]) for i in sample_idx])
 
 
 def calibrate(cfg: Config, bd: BridgeData, image_to_lm: AffineMap) -> tuple[float, str, dict[str, Any]]:

@@ -24,7 +24,7 @@ def _features(seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_names_and_errors():
-    assert CONNECTORS.names() == ["gated_xattn", "linear", "mlp2x_gelu", "perceiver", "qformer", "word_mixture"]
+    assert CONNECTORS.names() == ["gated_xattn", "linear", "mlp2x_gelu", "perceiver", "qformer", "word_mixture", "word_tags"]
     with pytest.raises(KeyError, match="known connectors: gated_xattn, linear"):
         build_connector("resampler", D_V, 64)
     with pytest.raises(TypeError, match="unknown option.*num_latents"):
