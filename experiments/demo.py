@@ -164,7 +164,8 @@ def _fusion_summary(res: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-BRIDGE_KEYS = ("caption_nll_step0", "caption_nll", "no_image_nll", "shuffled_image_nll", "attribute_accuracy",
+BRIDGE_KEYS = ("caption_nll_step0", "caption_nll", "no_image_nll", "shuffled_image_nll", "attribute_accuracy_step0",
+               "attribute_accuracy",
                "attribute_accuracy_other_scene", "distinct_examples", "n_examples", "gain_vs_shuffled",
                "hard_negative_ranking")
 

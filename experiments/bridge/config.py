@@ -105,6 +105,8 @@ class EvalConfig(Section):
     n_val_captions: PositiveInt = 24
     batch_size: int = Field(32, ge=2)
     n_examples: PositiveInt = 8  # example captions (and distinct count) in the report
+    step0_controls: StrictBool = True  # step-0 evaluation with the no-image/shuffled controls and hard negatives
+    #                                    (false: caption NLL and generated captions only, a third of the time)
 
 
 class Stage2Config(Section):

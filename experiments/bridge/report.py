@@ -90,7 +90,7 @@ def format_results(results: dict[str, Any]) -> str:
         rows.append([key, _f(r["caption_nll_step0"]), _f(r["caption_nll"]), _f(r["no_image_nll"]),
                      _f(r["shuffled_image_nll"]), _gain(r.get("gain_vs_shuffled")),
                      _attributes(r), f"{r['distinct_examples']}/{r['n_examples']}",
-                     f"{r['hard_negative_ranking_step0']:.0f} → {r['hard_negative_ranking']:.0f}"
+                     f"{_f(r.get('hard_negative_ranking_step0'), 0)} → {r['hard_negative_ranking']:.0f}"
                      if "hard_negative_ranking" in r else "–",
                      r["steps"], _f(r["train_seconds"], 0), f"{r['n_trainable']:,}"])
     text = markdown_table(headers, rows)

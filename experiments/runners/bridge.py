@@ -63,7 +63,8 @@ def _stage1(cfg: Config, bd: BridgeData, seed_map: SeedMap | None, name: str, in
     model, seed_info = build_model(cfg, bd, name, init, seed_map)
     e = cfg.eval
     log.info("[%s] step-0 evaluation", key)
-    step0 = evaluate_captions(model.eval(), bd.eval_set, e.batch_size, e.max_new_tokens, e.n_examples)
+    step0 = evaluate_captions(model.eval(), bd.eval_set, e.batch_size, e.max_new_tokens, e.n_examples,
+                              controls=e.step0_controls)
     result, val0 = train_stage1(cfg, bd, model, unit)
     log.info("[%s] final evaluation", key)
     final = evaluate_captions(model.eval(), bd.eval_set, e.batch_size, e.max_new_tokens, e.n_examples)
