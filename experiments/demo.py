@@ -38,7 +38,7 @@ DEMO_FUSION: dict[str, Any] = {
     # a subset of the runner's strategies, with their default options
     "strategies": ["unimodal", "data/channel_stack", "feature/concat", "feature/gated", "feature/lmf",
                    "feature/cross_attention", "decision/mean", "decision/stacking"],
-    "train": {"max_steps": 200},
+    "train": {"max_steps": 150},
     "robustness": {"rates": [0.0, 0.5, 1.0]},
 }
 DEMO_BRIDGE: dict[str, Any] = {
@@ -48,10 +48,11 @@ DEMO_BRIDGE: dict[str, Any] = {
     # its grounding while learning the style; `alignfuse run bridge_shapesworld` compares all)
     "connectors": ["word_tags"],
     "inits": ["seeded", "random"],
-    "train": {"max_steps": 24, "eval_every": 12},
-    "eval": {"n_eval_images": 16, "captions_per_image": 2, "n_val_captions": 16},
+    "train": {"max_steps": 16, "eval_every": 8},
+    # the step-0 evaluation without its controls: caption NLL and the generated captions' attribute accuracy
+    "eval": {"n_eval_images": 16, "captions_per_image": 2, "n_val_captions": 16, "step0_controls": False},
     # stage 2 for the seeded start only (~4 s a LoRA step on 2 cores)
-    "stage2": {"connector": "word_tags", "inits": ["seeded"], "n_eval_scenes": 12, "train": {"max_steps": 24}},
+    "stage2": {"connector": "word_tags", "inits": ["seeded"], "n_eval_scenes": 8, "train": {"max_steps": 16}},
 }
 
 
