@@ -184,11 +184,14 @@ class TextGraphBuilder:
         unique = [t for t in dict.fromkeys(texts) if t not in self._graphs]
         many = getattr(self.embedder, "embed_many", None)
         chunk = int(getattr(self.embedder, "batch_size", 64)) if many is not None else 1
+        if many is not None:  # batches of similar length carry little padding
+            parsed_all = {t: parse_caption(t) for t in unique}
+            unique.sort(key=lambda t: len(parsed_all[t].tokens))
         bar = tqdm(total=len(unique), desc="caption graphs", disable=None if progress else True)
         for i in range(0, len(unique), chunk):
             part = unique[i : i + chunk]
             if many is not None:
-                parsed = [parse_caption(t) for t in part]
+                parsed = [parsed_all[t] for t in part]
                 for t, p, f in zip(part, parsed, many([list(p.tokens) for p in parsed])):
                     self._graphs[t] = graph_from_parsed(p, f)
             else:
