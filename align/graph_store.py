@@ -155,6 +155,12 @@ class GraphTensors:
         return cls.from_dict(load_file(str(path)))
 
 
+def graph_format(embedder: type = ContextualWordEmbedder) -> str:
+    """What caption graphs built with an ``embedder`` of this type are made of (parser version, embedder type):
+    part of every cache key of graphs and of results computed from them."""
+    return f"parser={PARSER_VERSION}|{embedder.__module__}.{embedder.__qualname__}"
+
+
 class TextGraphBuilder:
     """Builds caption graphs with a frozen word embedder, caching graphs per caption string.
 
@@ -215,7 +221,7 @@ def build_caption_graphs(
     """
     builder = builder if builder is not None else TextGraphBuilder()
     emb = builder.embedder
-    tag = f"parser={PARSER_VERSION}|{type(emb).__module__}.{type(emb).__qualname__}|dim={emb.dim}"
+    tag = f"{graph_format(type(emb))}|dim={emb.dim}"
     key = hashlib.sha1(("\x00".join(texts) + "\x01" + tag).encode()).hexdigest()
     if cache_path is not None and Path(cache_path).is_file():
         from safetensors import safe_open

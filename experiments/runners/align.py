@@ -126,6 +126,7 @@ def run(cfg: Config) -> dict[str, Any]:
     """Run every aligner over every seed (resuming finished and interrupted units); write results.json,
     report_align.md and plots into ``out_dir``."""
     from align.base import ALIGNERS
+    from align.graph_store import graph_format
     from experiments.report import aggregate_seeds, write_json, write_text_atomic
     from experiments.reports.align import format_results, plots
     from experiments.units import Units, unit_key
@@ -141,8 +142,9 @@ def run(cfg: Config) -> dict[str, Any]:
 
     def unit(name: str, section: dict | None, seed: int, ratio: float | None = None, first: bool = False) -> dict:
         uname = f"{name}/seed{seed}" if ratio is None else f"{name}/pairing{ratio:g}/seed{seed}"
+        graphs = "graph" in ALIGNERS.get(name).inputs.values()  # caption graphs: their parser and word features
         key = unit_key(views.src.fingerprint, cfg.encoders.model_dump(), section, cfg.train.model_dump(), seed,
-                       ratio, cfg.data.model_dump())
+                       ratio, cfg.data.model_dump(), *([graph_format()] if graphs else []))
         done = units.result(uname, key)
         if done is not None:
             log.info("%s: finished in an earlier run", uname)

@@ -64,3 +64,13 @@ def test_default_builder_is_contextual_and_batches(ctx, monkeypatch):
     assert isinstance(TextGraphBuilder().embedder, ContextualWordEmbedder)  # the default
     with pytest.raises(ValueError, match="expected \\[tokens, dim\\]"):
         caption_to_graph("a red circle", ctx, token_features=torch.zeros(2, 384))
+
+
+def test_graph_format_names_the_parser_and_the_word_embedder():
+    from align.graph_caption import PARSER_VERSION
+    from align.graph_store import graph_format
+    from align.graph_words import ContextualWordEmbedder, StaticWordEmbedder
+
+    assert graph_format() == graph_format(ContextualWordEmbedder)
+    assert graph_format(StaticWordEmbedder) != graph_format()  # results from static word features are not reused
+    assert f"parser={PARSER_VERSION}" in graph_format()
