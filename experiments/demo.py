@@ -36,8 +36,9 @@ DEMO_FUSION: dict[str, Any] = {
     "seeds": [0],
     "tasks": ["nearest_colour", "largest_shape"],
     # a subset of the runner's strategies, with their default options
+    # (feature/cross_attention, ~40 s here, runs in `alignfuse run fusion_shapesworld` and --full)
     "strategies": ["unimodal", "data/channel_stack", "feature/concat", "feature/gated", "feature/lmf",
-                   "feature/cross_attention", "decision/mean", "decision/stacking"],
+                   "decision/mean", "decision/stacking"],
     "train": {"max_steps": 150},
     "robustness": {"rates": [0.0, 0.5, 1.0]},
 }
@@ -52,7 +53,7 @@ DEMO_BRIDGE: dict[str, Any] = {
     # the step-0 evaluation without its controls: caption NLL and the generated captions' attribute accuracy
     "eval": {"n_eval_images": 16, "captions_per_image": 2, "n_val_captions": 16, "step0_controls": False},
     # stage 2 for the seeded start only (~4 s a LoRA step on 2 cores)
-    "stage2": {"connector": "word_tags", "inits": ["seeded"], "n_eval_scenes": 8, "train": {"max_steps": 16}},
+    "stage2": {"connector": "word_tags", "inits": ["seeded"], "n_eval_scenes": 8, "train": {"max_steps": 12}},
 }
 
 
