@@ -341,7 +341,11 @@ class PairViews:
         from align.graphs import TextGraphBuilder, build_caption_graphs
 
         builder = self._memoised(("graph-builder",), TextGraphBuilder)
-        return self._memoised(("graphs", key), lambda: build_caption_graphs(texts, builder, progress=True))
+        # cached beside the features; the file's key covers the texts, the parser and the word embedder
+        path = None if self.cache is None else (
+            self.cache.entry_dir("caption-graphs", self.src.fingerprint, key) / "graphs.safetensors")
+        return self._memoised(("graphs", key), lambda: build_caption_graphs(texts, builder, progress=True,
+                                                                            cache_path=path))
 
     def image(self, kind: str, split: str) -> Any:
         idx = self.split_index(split)
