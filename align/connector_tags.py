@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from align.connector_words import LMWordVocabulary
 from align.connectors import CONNECTORS, Connector
-from align.seeding import AffineMap, bag_of_words, caption_vocabulary, llm_text_embeddings
+from align.seeding import AffineMap, bag_of_words, caption_vocabulary
 
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
@@ -41,7 +42,7 @@ def content_vocabulary(texts: Sequence[str]) -> list[str]:
 
 
 @CONNECTORS.register("word_tags")
-class WordTags(Connector, nn.Module):
+class WordTags(LMWordVocabulary, Connector, nn.Module):
     """``[B, N, d_v]`` → ``[B, slots, d_lm]``: the embeddings of the words with the highest presence scores.
 
     Args:
@@ -65,42 +66,25 @@ class WordTags(Connector, nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.vision_dim, self.lm_dim = vision_dim, lm_dim
         self.slots, self.threshold, self.temperature = slots, float(threshold), float(temperature)
-        self.words: list[str] = []
-        self.score: nn.Linear | None = None
-        self.register_buffer("embeddings", None)
-        if vocabulary is not None:
-            self._make(list(vocabulary))
+        self._init_vocabulary(vocabulary)
 
-    def _make(self, words: list[str]) -> None:
-        if not words:
-            raise ValueError("word_tags needs a non-empty vocabulary")
-        self.words = words
-        self.score = nn.Linear(self.vision_dim, len(words))
-        self.embeddings = torch.zeros(len(words), self.lm_dim)
-        self._config["vocabulary"] = list(words)
-
-    def bind(self, llm: nn.Module, tokenizer: Any, texts: Sequence[str] = ()) -> None:
-        """Fix the vocabulary (from ``texts`` if none was given) and copy the LM's embeddings of its words."""
-        if self.score is None:
-            self._make(content_vocabulary(texts))
-        e = llm_text_embeddings(llm, tokenizer, self.words)
-        if e.shape[1] != self.lm_dim:
-            raise ValueError(f"the LM's embeddings are {e.shape[1]} wide, the connector's lm_dim is {self.lm_dim}")
-        self.embeddings = torch.as_tensor(e, dtype=self.score.weight.dtype, device=self.score.weight.device)
+    default_vocabulary = staticmethod(content_vocabulary)
 
     def num_tokens(self, n_inputs: int) -> int:
         return self.slots
 
     def scores(self, x: Tensor) -> Tensor:
         """``[B, V]`` presence scores of the vocabulary words for features ``[B, N, d_v]``."""
-        if self.score is None:
-            raise RuntimeError("word_tags has no vocabulary yet: pass vocabulary= or call bind(llm, tokenizer, texts)")
+        self._check_bound()
         x = self.check_features(x).to(self.score.weight.dtype)
         return self.score(x.mean(1))
 
     def tags(self, x: Tensor) -> Tensor:
         """``[B, slots]`` vocabulary indices of each image's tags (best first, repeated to fill the slots)."""
-        s = self.scores(x).detach()
+        return self._tags(self.scores(x))
+
+    def _tags(self, scores: Tensor) -> Tensor:
+        s = scores.detach()
         order = s.argsort(dim=1, descending=True)
         n = (s > self.threshold).sum(1).clamp(1, min(self.slots, s.shape[1]))
         return order.gather(1, torch.arange(self.slots, device=s.device)[None] % n[:, None])
@@ -111,7 +95,7 @@ class WordTags(Connector, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.scores(x)
-        hard = self.embeddings[self.tags(x)]  # [B, slots, d_lm]
+        hard = self.embeddings[self._tags(s)]  # [B, slots, d_lm]
         soft = torch.softmax(s / self.temperature, dim=-1) @ self.embeddings  # [B, d_lm]
         return hard + (soft - soft.detach()).unsqueeze(1)  # straight-through: value hard, gradient soft
 
@@ -125,8 +109,7 @@ class WordTags(Connector, nn.Module):
         if image_to_shared is None or features is None or not texts:
             raise ValueError("word_tags seeding needs the aligned space (image_to_shared), a sample of training "
                              "features and the captions of each sample image")
-        if self.score is None:
-            raise RuntimeError("bind(llm, tokenizer, texts) before seeding: word_tags has no vocabulary yet")
+        self._check_bound()
         x = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
         x = x.reshape(len(x), -1, x.shape[-1]).mean(1)
         if len(x) != len(texts):
@@ -143,8 +126,3 @@ class WordTags(Connector, nn.Module):
             self.score.bias.copy_(torch.as_tensor(scorer.bias, dtype=self.score.bias.dtype))
             n_tags = (self.scores(torch.as_tensor(x[:, None], dtype=self.score.weight.dtype)) > self.threshold)
         return {"ridge_alpha": float(ridge.alpha_), "mean_tags_per_image": float(n_tags.sum(1).float().mean())}
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        if self.score is None and prefix + "score.weight" in state_dict:  # rebuilt without a vocabulary
-            raise RuntimeError("word_tags state dict needs the vocabulary in the connector's config")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -28,8 +28,63 @@ from align.connectors import CONNECTORS, Connector
 from align.seeding import AffineMap, caption_vocabulary, flat_tokens, llm_text_embeddings
 
 
+class LMWordVocabulary:
+    """Mixin of connectors over a vocabulary of the frozen LM's own words (``word_mixture``, ``word_tags``).
+
+    State: ``words``, a scorer ``score = Linear(vision_dim, V)`` and the buffer ``embeddings [V, d_lm]`` (the LM's
+    input embeddings of the words, set by :meth:`bind`). The words go into ``config``, so a saved connector
+    rebuilds without the LM. Subclasses may override :meth:`default_vocabulary`.
+    """
+
+    words: list[str]
+    score: nn.Linear | None
+
+    def _init_vocabulary(self, vocabulary: Sequence[str] | None) -> None:
+        self.words = []
+        self.score = None
+        self.register_buffer("embeddings", None)
+        if vocabulary is not None:
+            self._make(list(vocabulary))
+
+    @staticmethod
+    def default_vocabulary(texts: Sequence[str]) -> list[str]:
+        """The vocabulary :meth:`bind` takes from ``texts`` when none was given: every caption word."""
+        return caption_vocabulary(texts)
+
+    def _make(self, words: list[str]) -> None:
+        if not words:
+            raise ValueError(f"{self.name} needs a non-empty vocabulary")
+        self.words = words
+        self.score = nn.Linear(self.vision_dim, len(words))
+        self.embeddings = torch.zeros(len(words), self.lm_dim)
+        self._config["vocabulary"] = list(words)
+
+    @property
+    def bound(self) -> bool:
+        return self.score is not None and bool(self.embeddings.abs().sum() > 0)
+
+    def bind(self, llm: nn.Module, tokenizer: Any, texts: Sequence[str] = ()) -> None:
+        """Fix the vocabulary (from ``texts`` if none was given) and copy the LM's embeddings of its words."""
+        if self.score is None:
+            self._make(self.default_vocabulary(texts))
+        e = llm_text_embeddings(llm, tokenizer, self.words)
+        if e.shape[1] != self.lm_dim:
+            raise ValueError(f"the LM's embeddings are {e.shape[1]} wide, the connector's lm_dim is {self.lm_dim}")
+        self.embeddings = torch.as_tensor(e, dtype=self.score.weight.dtype, device=self.score.weight.device)
+
+    def _check_bound(self) -> None:
+        if self.score is None:
+            raise RuntimeError(f"{self.name} has no vocabulary yet: pass vocabulary= or call bind(llm, tokenizer, "
+                               f"texts)")
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        if self.score is None and prefix + "score.weight" in state_dict:  # rebuilt without a vocabulary
+            raise RuntimeError(f"{self.name} state dict needs the vocabulary in the connector's config")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 @CONNECTORS.register("word_mixture")
-class WordMixture(Connector, nn.Module):
+class WordMixture(LMWordVocabulary, Connector, nn.Module):
     """Per token ``softmax(Linear(d_v, V)(x)) @ E``, ``E [V, d_lm]`` the LM's embeddings of ``vocabulary``.
 
     Args:
@@ -48,36 +103,7 @@ class WordMixture(Connector, nn.Module):
         if vision_dim < 1 or lm_dim < 1:
             raise ValueError(f"vision_dim and lm_dim must be >= 1, got {vision_dim}, {lm_dim}")
         self.vision_dim, self.lm_dim, self.sharpness = vision_dim, lm_dim, sharpness
-        self.words: list[str] = []
-        self.score: nn.Linear | None = None
-        self.register_buffer("embeddings", None)
-        if vocabulary is not None:
-            self._make(list(vocabulary))
-
-    def _make(self, words: list[str]) -> None:
-        if not words:
-            raise ValueError("word_mixture needs a non-empty vocabulary")
-        self.words = words
-        self.score = nn.Linear(self.vision_dim, len(words))
-        self.embeddings = torch.zeros(len(words), self.lm_dim)
-        self._config["vocabulary"] = list(words)
-
-    @property
-    def bound(self) -> bool:
-        return self.score is not None and bool(self.embeddings.abs().sum() > 0)
-
-    def bind(self, llm: nn.Module, tokenizer: Any, texts: Sequence[str] = ()) -> None:
-        """Fix the vocabulary (from ``texts`` if none was given) and copy the LM's embeddings of its words."""
-        if self.score is None:
-            self._make(caption_vocabulary(texts))
-        e = llm_text_embeddings(llm, tokenizer, self.words)
-        if e.shape[1] != self.lm_dim:
-            raise ValueError(f"the LM's embeddings are {e.shape[1]} wide, the connector's lm_dim is {self.lm_dim}")
-        self.embeddings = torch.as_tensor(e, dtype=self.score.weight.dtype, device=self.score.weight.device)
-
-    def _check_bound(self) -> None:
-        if self.score is None:
-            raise RuntimeError("word_mixture has no vocabulary yet: pass vocabulary= or call bind(llm, tokenizer, texts)")
+        self._init_vocabulary(vocabulary)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.word_probabilities(x) @ self.embeddings
@@ -113,8 +139,3 @@ class WordMixture(Connector, nn.Module):
             self.score.weight.copy_(torch.as_tensor(scores.weight.T * beta, dtype=self.score.weight.dtype))
             self.score.bias.copy_(torch.as_tensor(scores.bias * beta, dtype=self.score.bias.dtype))
         return {"word_inverse_temperature": float(beta), "mean_top_word_probability": top}
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        if self.score is None and prefix + "score.weight" in state_dict:  # rebuilt without a vocabulary
-            raise RuntimeError("word_mixture state dict needs the vocabulary in the connector's config")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
