@@ -24,8 +24,9 @@ def _features(seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_names_and_errors():
-    assert CONNECTORS.names() == ["gated_xattn", "linear", "mlp2x_gelu", "perceiver", "qformer", "word_mixture", "word_tags"]
-    with pytest.raises(KeyError, match="known connectors: gated_xattn, linear"):
+    assert CONNECTORS.names() == ["gated_xattn", "grid_tags", "linear", "mlp2x_gelu", "perceiver", "qformer",
+                                  "word_mixture", "word_tags"]
+    with pytest.raises(KeyError, match="known connectors: gated_xattn, grid_tags, linear"):
         build_connector("resampler", D_V, 64)
     with pytest.raises(TypeError, match="unknown option.*num_latents"):
         build_connector("qformer", D_V, 64, num_latents=4)

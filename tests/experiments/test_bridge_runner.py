@@ -20,7 +20,7 @@ def test_load_defaults_and_errors():
     cfg = bridge.load({"train": {"max_steps": 5, "lr": "3e-4"}, "connector_options": {"perceiver": {"dim": 64}}})
     assert cfg.train.lr == 3e-4 and cfg.train.batch_size == 8  # a partial train section keeps the bridge defaults
     assert cfg.connector_options == {"perceiver": {"dim": 64}}
-    with pytest.raises(ConfigError, match=r"unknown connector 'resampler'.*known connectors: gated_xattn, linear, "
+    with pytest.raises(ConfigError, match=r"unknown connector 'resampler'.*known connectors: gated_xattn, grid_tags, linear, "
                                           r"mlp2x_gelu, perceiver, qformer"):
         bridge.load({"connectors": ["linear", "resampler"]}, "bridge.yaml")
     with pytest.raises(ConfigError, match="unknown key seeding.solver; valid keys of seeding"):

@@ -1,0 +1,38 @@
+"""The grid_tags connector through the bridge runner (tiny Llama): the full (unpooled) grid at an encoder size above
+the scenes' (``vision.options.image_size``), tag groups with synonyms from the config, seeding from the run's seed
+map, stage 2, and ``alignfuse ask`` on the saved model (groups and encoder size travel with it)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.runners import bridge
+from tests.experiments.test_bridge_runner import TINY
+
+GROUPS = [["red|crimson|scarlet", "green|emerald", "blue|cobalt"], ["circle|disc", "square", "star"]]
+
+
+@pytest.mark.slow
+def test_grid_tags_seeded_through_the_runner_and_loaded_by_ask(tmp_path):
+    from experiments.ask import load_bridge
+
+    raw = {**TINY, "vision": {"tokens": None, "options": {"image_size": 128}},  # 64 px scenes, a 4x4 grid
+           "connectors": ["grid_tags"], "connector_options": {"grid_tags": {"vocabulary": GROUPS, "cells": 3,
+                                                                            "threshold": -100.0}},
+           "stage2": {**TINY["stage2"], "connector": "grid_tags"},
+           "out_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")}
+    results = bridge.run(bridge.load(raw))
+    seeded = results["runs"]["grid_tags/seeded"]
+    assert "ridge_alpha" in seeded["seed_info"] and seeded["seed_info"]["mean_cells_shown"] >= 1.0
+    assert results["vqa"]["connector"] == "grid_tags" and results["setup"]["image_tokens"] == [16, 1280]
+    model = load_bridge(tmp_path / "out")
+    conn = model.connector
+    assert conn.name == "grid_tags" and conn.groups == GROUPS and conn.words[:3] == ["red", "green", "blue"]
+    layout = conn.layout(torch.randn(2, 16, conn.vision_dim))  # the threshold shows every picked cell
+    cells = [c.split() for c in layout[0].split("; ")]
+    assert 1 <= len(cells) <= 3 and all(c[2] in ("red", "green", "blue") and c[3] in ("circle", "square", "star")
+                                   for c in cells)
+    images = np.zeros((2, 64, 64, 3), dtype=np.uint8)  # the loaded tower encodes at 128 px: 16 tokens
+    assert model.image_features(images).shape == (2, 16, conn.vision_dim)
+    assert len(model.chat(images, "What colour is the star?", max_new_tokens=2)) == 2
