@@ -4,7 +4,8 @@ Captions: NLL per caption token (eos included) with the image, no image and a sh
 paired image gain with a bootstrap interval (:func:`paired_gain`), hard-negative ranking, and the
 **attribute accuracy** of greedy captions (colour/shape words, synonyms and plurals included, that
 some object of the scene has; the other-scene control checks the same words against another scene),
-plus how many of the example captions are distinct.
+plus how many of the example captions are distinct. For ``grid_tags`` also what the LM is shown
+(:func:`layout_metrics`: object count and the colour/shape of each shown cell against the scene).
 
 Questions (:func:`evaluate_vqa`): exact match of the normalised generated answer per question type,
 with the image, with no image, with a shuffled image (another scene's), and the most-frequent-answer
@@ -121,6 +122,27 @@ def attribute_metrics(texts: list[str], scenes: list[dict]) -> dict[str, float]:
             "object_precision": pairs_ok / pairs if pairs else 0.0, "named_per_caption": named / max(n, 1)}
 
 
+def layout_metrics(layouts: list[str], scenes: list[dict], side: int) -> dict[str, float]:
+    """How well ``grid_tags`` layouts (``"col row word …; …"``, :meth:`align.connector_grid.GridTags.layout`) match
+    the scenes: images whose number of shown cells equals their number of objects, and, for each shown cell, whether
+    its words name the colour / the shape of the object whose centre is nearest to the cell's centre."""
+    if len(layouts) != len(scenes):
+        raise ValueError(f"{len(layouts)} layouts but {len(scenes)} scenes")
+    exact = cells = colour_ok = shape_ok = 0
+    for layout, scene in zip(layouts, scenes):
+        shown = [c.split() for c in layout.split("; ") if c]
+        exact += len(shown) == len(scene["objects"])
+        for col, row, *words in shown:
+            x, y = (int(col) - 0.5) / side, (int(row) - 0.5) / side
+            obj = min(scene["objects"], key=lambda o: (o["x"] - x) ** 2 + (o["y"] - y) ** 2)
+            named = set(parse_attributes(" ".join(words)))
+            cells += 1
+            colour_ok += ("colour", obj["colour"]) in named
+            shape_ok += ("shape", obj["shape"]) in named
+    return {"layout_count_exact": exact / max(len(scenes), 1), "layout_cells_per_image": cells / max(len(scenes), 1),
+            "layout_colour_accuracy": colour_ok / max(cells, 1), "layout_shape_accuracy": shape_ok / max(cells, 1)}
+
+
 @torch.no_grad()
 def evaluate_captions(mllm: Any, ev: dict[str, Any], batch: int, max_new_tokens: int, n_examples: int,
                       controls: bool = True) -> dict[str, Any]:
@@ -142,6 +164,9 @@ def evaluate_captions(mllm: Any, ev: dict[str, Any], batch: int, max_new_tokens:
         texts += mllm.generate(ev["image"][sl], max_new_tokens)
     if ev["scenes"] is not None:  # attribute accuracy needs the scene metadata
         out.update(attribute_metrics(texts, ev["scenes"]))
+        if hasattr(mllm.connector, "layout"):  # grid_tags: what the LM is shown, against the scenes
+            side = round(ev["image"].shape[1] ** 0.5)
+            out.update(layout_metrics(mllm.connector.layout(ev["image"]), ev["scenes"], side))
     examples = texts[:n_examples]
     out["distinct_examples"] = len(set(examples))
     out["n_examples"] = len(examples)

@@ -185,7 +185,14 @@ def markdown(results: dict[str, Any]) -> str:
               "colours/shapes present in the scene (control: checked against another scene); distinct examples: "
               "different captions among the example images; image gain vs shuffled: shuffled-image NLL minus image "
               "NLL, paired bootstrap 95% interval over captions.", "", format_results(results), "",
-              "![loss curves](bridge_loss_curves.png)", "", "## Samples", ""]
+              "![loss curves](bridge_loss_curves.png)", ""]
+    for key, r in results["runs"].items():  # grid_tags: what the LM is shown, against the scenes
+        if "layout_count_exact" in r:
+            lines.append(f"- **{key}** shows the LM {r['layout_cells_per_image']:.1f} cells per image; object count "
+                         f"exact on {100 * r['layout_count_exact']:.0f} % of the images; the colour / shape of the "
+                         f"nearest object named in {100 * r['layout_colour_accuracy']:.0f} % / "
+                         f"{100 * r['layout_shape_accuracy']:.0f} % of the cells.")
+    lines += ["", "## Samples", ""]
     for key, r in results["runs"].items():
         for s in r["samples"][:3]:
             lines.append(f"- **{key}**: `{s['generated']}` (a reference: _{s['reference']}_)")
