@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from align.connector_tags import RIDGE_ALPHAS, content_vocabulary
+from align.connector_tags import content_vocabulary, presence_inputs, seed_presence_scorer
 from align.connector_words import LMWordVocabulary
 from align.connectors import CONNECTORS, Connector
 from align.seeding import AffineMap, bag_of_words, llm_text_embeddings
@@ -142,9 +142,16 @@ class GridTags(LMWordVocabulary, Connector, nn.Module):
         """Per tag slot: (vocabulary index [B, N], score [B, N], group start, group end)."""
         out = []
         for a, b in self.spans:
-            top = s[..., a:b].detach().topk(min(self.tags_per_cell if len(self.spans) == 1 else 1, b - a), dim=-1)
+            top = s[..., a:b].detach().topk(min(self.per_group if len(self.spans) == 1 else 1, b - a), dim=-1)
             out += [(top.indices[..., k] + a, top.values[..., k], a, b) for k in range(top.indices.shape[-1])]
         return out
+
+    def _select(self, s: Tensor) -> tuple[list[tuple[Tensor, Tensor, int, int]], Tensor, Tensor]:
+        """For cell scores ``s [B, N, V]``: the tag slots (:meth:`_slots`), the picked cells ``[B, K]`` and whether
+        each is used ``[B, K]`` (:meth:`_pick`)."""
+        slots = self._slots(s)
+        cells, used = self._pick(slots, self._side(s.shape[1]))
+        return slots, cells, used
 
     def _pick(self, slots: list[tuple[Tensor, Tensor, int, int]], side: int) -> tuple[Tensor, Tensor]:
         """``[B, K]`` the picked cells (non-maximum suppression, module doc) in raster order, unused ones last,
@@ -169,8 +176,8 @@ class GridTags(LMWordVocabulary, Connector, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.cell_scores(x)  # [B, N, V]
-        side, slots = self._side(s.shape[1]), self._slots(s)
-        cells, used = self._pick(slots, side)  # [B, K]
+        side = self._side(s.shape[1])
+        slots, cells, used = self._select(s)  # cells, used: [B, K]
         d = self.lm_dim
         pick = lambda t: t.gather(1, cells.view(*cells.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
         parts = [self.marks[1 + cells % side], self.marks[1 + cells // side]]  # column, row digits
@@ -185,8 +192,8 @@ class GridTags(LMWordVocabulary, Connector, nn.Module):
     def layout(self, x: Tensor) -> list[str]:
         """What each image shows the LM, as text: ``"col row word word; …"`` per picked cell."""
         s = self.cell_scores(x).detach()
-        side, slots = self._side(s.shape[1]), self._slots(s)
-        cells, used = self._pick(slots, side)
+        side = self._side(s.shape[1])
+        slots, cells, used = self._select(s)
         return ["; ".join(" ".join([str(c % side + 1), str(c // side + 1), *(self.words[int(i[b, c])]
                                                                            for i, _, _, _ in slots)])
                           for c, u in zip(cs, us) if u)
@@ -204,25 +211,10 @@ class GridTags(LMWordVocabulary, Connector, nn.Module):
              **options: Any) -> dict[str, float]:
         """Scorer = ridge regression of entry presence in ``texts[i]`` on ``image_to_shared`` of the pooled
         ``features [n, N, d_v]`` (module doc); applied per cell."""
-        from sklearn.linear_model import RidgeCV
-
-        if image_to_shared is None or features is None or not texts:
-            raise ValueError("grid_tags seeding needs the aligned space (image_to_shared), a sample of training "
-                             "features and the captions of each sample image")
-        self._check_bound()
-        cells = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
-        if cells.ndim != 3 or len(cells) != len(texts):
-            raise ValueError(f"features must be [n, N, d_v] with captions for each of the n images, got "
-                             f"{cells.shape} and {len(texts)} caption lists")
-        if image_to_shared.in_dim != self.vision_dim:
-            raise ValueError(f"image_to_shared maps {image_to_shared.in_dim} dims, the connector's features "
-                             f"have {self.vision_dim}")
-        ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(image_to_shared(cells.mean(1)), self.presence(texts))
-        scorer = image_to_shared.then(AffineMap(np.asarray(ridge.coef_, dtype=np.float64).T,
-                                                np.asarray(ridge.intercept_, dtype=np.float64)))
+        if features is not None and features.ndim != 3:
+            raise ValueError(f"grid_tags seeds from grid features [n, N, d_v], got shape {tuple(features.shape)}")
+        cells = presence_inputs(self, image_to_shared, features, texts)
+        alpha = seed_presence_scorer(self.score, image_to_shared, cells.mean(1), self.presence(texts))
         with torch.no_grad():
-            self.score.weight.copy_(torch.as_tensor(scorer.weight.T, dtype=self.score.weight.dtype))
-            self.score.bias.copy_(torch.as_tensor(scorer.bias, dtype=self.score.bias.dtype))
-            s = self.cell_scores(torch.as_tensor(cells, dtype=self.score.weight.dtype))
-            _, used = self._pick(self._slots(s), self._side(s.shape[1]))
-        return {"ridge_alpha": float(ridge.alpha_), "mean_cells_shown": float(used.sum(1).float().mean())}
+            _, _, used = self._select(self.cell_scores(torch.as_tensor(cells, dtype=self.score.weight.dtype)))
+        return {"ridge_alpha": alpha, "mean_cells_shown": float(used.sum(1).float().mean())}

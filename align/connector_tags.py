@@ -104,25 +104,42 @@ class WordTags(LMWordVocabulary, Connector, nn.Module):
              **options: Any) -> dict[str, float]:
         """Scorer = ridge regression of word presence in ``texts[i]`` (the captions of sample image ``i``) on
         ``image_to_shared`` of the pooled ``features [n, N, d_v]`` (module doc)."""
-        from sklearn.linear_model import RidgeCV
-
-        if image_to_shared is None or features is None or not texts:
-            raise ValueError("word_tags seeding needs the aligned space (image_to_shared), a sample of training "
-                             "features and the captions of each sample image")
-        self._check_bound()
-        x = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
-        x = x.reshape(len(x), -1, x.shape[-1]).mean(1)
-        if len(x) != len(texts):
-            raise ValueError(f"{len(x)} sample images but captions for {len(texts)}")
-        if image_to_shared.in_dim != self.vision_dim:
-            raise ValueError(f"image_to_shared maps {image_to_shared.in_dim} dims, the connector's features "
-                             f"have {self.vision_dim}")
+        x = presence_inputs(self, image_to_shared, features, texts).mean(1)
         present = np.stack([bag_of_words(list(caps), self.words).max(0) for caps in texts])  # [n, V]
-        ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(image_to_shared(x), present)
-        scorer = image_to_shared.then(AffineMap(np.asarray(ridge.coef_, dtype=np.float64).T,
-                                                np.asarray(ridge.intercept_, dtype=np.float64)))
+        alpha = seed_presence_scorer(self.score, image_to_shared, x, present)
         with torch.no_grad():
-            self.score.weight.copy_(torch.as_tensor(scorer.weight.T, dtype=self.score.weight.dtype))
-            self.score.bias.copy_(torch.as_tensor(scorer.bias, dtype=self.score.bias.dtype))
             n_tags = (self.scores(torch.as_tensor(x[:, None], dtype=self.score.weight.dtype)) > self.threshold)
-        return {"ridge_alpha": float(ridge.alpha_), "mean_tags_per_image": float(n_tags.sum(1).float().mean())}
+        return {"ridge_alpha": alpha, "mean_tags_per_image": float(n_tags.sum(1).float().mean())}
+
+
+def presence_inputs(connector: Any, image_to_shared: AffineMap | None, features: Tensor | np.ndarray | None,
+                    texts: Sequence[Sequence[str]] | None) -> np.ndarray:
+    """The checked sample ``features`` as ``[n, N, d_v]`` for seeding a presence scorer (``word_tags``,
+    ``grid_tags``): the aligned space, features and captions for each sample image must be there."""
+    if image_to_shared is None or features is None or not texts:
+        raise ValueError(f"{connector.name} seeding needs the aligned space (image_to_shared), a sample of training "
+                         "features and the captions of each sample image")
+    connector._check_bound()
+    x = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
+    x = x.reshape(len(x), -1, x.shape[-1])
+    if len(x) != len(texts):
+        raise ValueError(f"{len(x)} sample images but captions for {len(texts)}")
+    if image_to_shared.in_dim != connector.vision_dim:
+        raise ValueError(f"image_to_shared maps {image_to_shared.in_dim} dims, the connector's features "
+                         f"have {connector.vision_dim}")
+    return x
+
+
+def seed_presence_scorer(score: nn.Linear, image_to_shared: AffineMap, pooled: np.ndarray,
+                         present: np.ndarray) -> float:
+    """Fit ``present [n, V]`` by ridge (leave-one-out α from :data:`RIDGE_ALPHAS`) on ``image_to_shared(pooled)``
+    and write the composition ``image_to_shared → ridge`` into ``score``; returns the chosen α."""
+    from sklearn.linear_model import RidgeCV
+
+    ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(image_to_shared(pooled), present)
+    scorer = image_to_shared.then(AffineMap(np.asarray(ridge.coef_, dtype=np.float64).T,
+                                            np.asarray(ridge.intercept_, dtype=np.float64)))
+    with torch.no_grad():
+        score.weight.copy_(torch.as_tensor(scorer.weight.T, dtype=score.weight.dtype))
+        score.bias.copy_(torch.as_tensor(scorer.bias, dtype=score.bias.dtype))
+    return float(ridge.alpha_)
