@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from align.connectors import connector_from_config
-from align.llm import load_llm, tiny_llm
+from align.llm import load_llm, low_precision_linears, tiny_llm
 from align.mllm import MultimodalLM
 from experiments.bridge.features import VisionTower, vision_encoder
 from experiments.bridge.stages import ADAPTER_DIR, CONNECTOR_FILE, MODEL_FILE
@@ -62,6 +62,8 @@ def load_bridge(run_dir: str | Path) -> MultimodalLM:
     v = meta["vision"]
     tower = VisionTower(vision_encoder(v["encoder"], v.get("options", {}), v["image_size"]), v.get("tokens"))
     llm, tokenizer = _llm(meta["llm"])
+    if meta.get("linears_bf16"):  # answer with the matmul precision the model was trained with
+        low_precision_linears(llm)
     model = MultimodalLM(llm, tokenizer, connector_from_saved(meta["connector"]), prompt=meta["prompt"],
                          max_caption_tokens=meta["max_caption_tokens"], vision=tower,
                          style_tokens=meta.get("style_tokens", 0))

@@ -7,12 +7,13 @@ into the connector:
 * ``plain``: ``llm(inputs_embeds, attention_mask, labels=...)`` — logits over the whole vocabulary
   at every position (what a transformers training loop does);
 * ``ours``: :meth:`align.mllm.MultimodalLM.loss` — decoder hidden states, LM head on the labelled
-  positions only; variants with the LM head in bf16, a short prompt instead of ChatML, and
-  ``--tokens`` image tokens (the grid average-pooled) instead of N.
+  positions only; variants with the frozen attention/MLP matmuls in bf16
+  (:func:`align.llm.low_precision_linears`, config ``llm.linears_bf16``), the LM head in bf16, a short
+  prompt instead of ChatML, and ``--tokens`` image tokens (the grid average-pooled) instead of N.
 
 Variants are timed interleaved (round robin) in one process, so machine load hits them alike; the
 table gives the median step time, the ratio to ``plain`` and the loss (must equal plain's to 1e-3
-for the same sequence layout).
+for the same sequence layout; the bf16 variants move it by rounding, and the table prints by how much).
 """
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ def _pool(x: torch.Tensor, tokens: int) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> dict:
     from align.connectors import build_connector
-    from align.llm import load_llm, tiny_llm
+    import copy
+
+    from align.llm import load_llm, low_precision_linears, tiny_llm
     from align.mllm import MultimodalLM
     from experiments.bridge.config import CHATML_PROMPT, SHORT_PROMPT
 
@@ -67,8 +70,11 @@ def run(args: argparse.Namespace) -> dict:
     feats = torch.randn(args.batch_size, args.grid, args.vision_dim)
     connector = build_connector("mlp2x_gelu", args.vision_dim, d_lm)
 
-    def model(prompt: str, **kw) -> MultimodalLM:
-        return MultimodalLM(llm, tok, connector, prompt=prompt, max_caption_tokens=40, **kw)
+    low_llm = copy.deepcopy(llm)
+    low_precision_linears(low_llm)
+
+    def model(prompt: str, lm: torch.nn.Module = llm, **kw) -> MultimodalLM:
+        return MultimodalLM(lm, tok, connector, prompt=prompt, max_caption_tokens=40, **kw)
 
     chat, short = model(CHATML_PROMPT), model(SHORT_PROMPT)
     bf16 = model(CHATML_PROMPT, head_dtype=torch.bfloat16)
@@ -78,6 +84,8 @@ def run(args: argparse.Namespace) -> dict:
         "plain (transformers, ChatML prompt)": (chat.plain_loss, batch),
         "ours: head on caption positions": (chat.loss, batch),
         "ours + bf16 LM head": (bf16.loss, batch),
+        "ours + bf16 linears": (model(CHATML_PROMPT, low_llm).loss, batch),
+        "ours + bf16 linears + bf16 head": (model(CHATML_PROMPT, low_llm, head_dtype=torch.bfloat16).loss, batch),
         "ours + short prompt": (short.loss, batch),
         f"ours + short prompt + {args.tokens} image tokens": (short.loss, {"image": pooled, "text": caps}),
         f"ours + short prompt + {args.tokens} tokens + bf16 head": (
@@ -85,6 +93,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     losses: dict[str, float] = {}
+    grads: dict[str, torch.Tensor] = {}
     for rep in range(args.repeats + 1):
         for name, (fn, b) in variants.items():
             connector.zero_grad(set_to_none=True)
@@ -95,17 +104,26 @@ def run(args: argparse.Namespace) -> dict:
             if rep:
                 times[name].append(dt)
             losses[name] = float(loss.detach())
-    plain = statistics.median(times[next(iter(variants))])
+            grads[name] = torch.cat([p.grad.flatten() for p in connector.parameters()])
+    first = next(iter(variants))
+    plain = statistics.median(times[first])
     rows = []
     for name in variants:
         med = statistics.median(times[name])
+        g = None if "short prompt" in name else grads[name] - grads[first]  # other layouts: another loss
         rows.append({"variant": name, "step_seconds": round(med, 4), "speedup_vs_plain": round(plain / med, 2),
-                     "loss": round(losses[name], 5)})
+                     "loss": round(losses[name], 5),
+                     "grad_rel_diff": None if g is None else float(g.norm() / grads[first].norm())})
     print(f"bridge step: {args.llm}, batch {args.batch_size}, {args.grid} grid tokens, mlp2x_gelu; median of "
           f"{args.repeats} interleaved steps (forward + backward into the connector)")
-    print(f"{'variant':<52} {'step s':>8} {'x plain':>8} {'loss':>9}")
+    print("(- plain: loss minus plain's; grad: |connector gradient - plain's| / |plain's|, for the same layout)")
+    print(f"{'variant':<52} {'step s':>8} {'x plain':>8} {'loss':>9} {'- plain':>9} {'grad':>7}")
     for r in rows:
-        print(f"{r['variant']:<52} {r['step_seconds']:>8.3f} {r['speedup_vs_plain']:>8.2f} {r['loss']:>9.4f}")
+        same = r["grad_rel_diff"] is not None
+        diff = f"{r['loss'] - rows[0]['loss']:>+9.4f}" if same else f"{'':>9}"
+        grad = f"{r['grad_rel_diff']:.3f}" if same else ""
+        print(f"{r['variant']:<52} {r['step_seconds']:>8.3f} {r['speedup_vs_plain']:>8.2f} {r['loss']:>9.4f} "
+              f"{diff} {grad:>7}")
     first, second = rows[0]["loss"], rows[1]["loss"]
     print(f"loss ours - plain (same layout): {abs(first - second):.2e} ({'OK' if abs(first - second) < 1e-3 else 'DIFFERS'})")
     return {"rows": rows, "loss_abs_diff": abs(first - second)}

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from align.llm import load_llm, tiny_llm
+from align.llm import load_llm, low_precision_linears, tiny_llm
 from align.mllm_data import ImageCaptionDataset, caption_leading_space
 from align.seeding import caption_vocabulary
 from experiments.bridge.config import Config
@@ -123,6 +123,15 @@ def feature_cache(cfg: Config) -> FeatureCache:
     return FeatureCache(cfg.cache_root() / "features")
 
 
+def use_bf16_linears(setting: bool | str) -> bool:
+    """``llm.linears_bf16`` resolved: ``"auto"`` is True with CUDA or where a bf16 GEMM beats float32 on this CPU."""
+    if setting != "auto":
+        return bool(setting)
+    from experiments.retrieval.precision import cpu_bf16_is_faster
+
+    return torch.cuda.is_available() or cpu_bf16_is_faster()
+
+
 def prepare(cfg: Config) -> BridgeData:
     """Load the images and captions, the frozen features (cached) and the LM; build the training, validation and
     eval sets (without scene metadata: no hard negatives, ``scenes`` None)."""
@@ -146,6 +155,9 @@ def prepare(cfg: Config) -> BridgeData:
     else:
         llm, tokenizer = load_llm(cfg.llm.name_or_path)
         llm_name, words = str(cfg.llm.name_or_path), None
+    bf16 = use_bf16_linears(cfg.llm.linears_bf16)
+    if bf16:
+        low_precision_linears(llm)
     train_caps, train_t2i = data.flat_captions("train")
     train_set = ImageCaptionDataset(tokens[train_idx], train_caps, train_t2i, tokenizer, cfg.llm.max_caption_tokens,
                                     leading_space=caption_leading_space(cfg.llm.prompt))
@@ -169,6 +181,6 @@ def prepare(cfg: Config) -> BridgeData:
     vision = {"encoder": cfg.vision.encoder, "encoder_name": encoder.name, "options": dict(cfg.vision.options),
               "image_size": cfg.data.image_size, "tokens": cfg.vision.tokens}
     setup = {"llm": llm_name.split(":")[0] if words is not None else llm_name, "vision_encoder": encoder.name, "grid_shape": list(cells.shape),
-             "image_tokens": list(tokens.shape[1:]), "prepare_data_seconds": round(time.perf_counter() - t0, 2)}
+             "image_tokens": list(tokens.shape[1:]), "prepare_data_seconds": round(time.perf_counter() - t0, 2), "linears_bf16": bf16}
     return BridgeData(data=data, tokens=tokens, cells=cells, llm=llm, tokenizer=tokenizer, llm_name=llm_name,
                       vision=vision, train_set=train_set, val=val, eval_set=eval_set, setup=setup)

@@ -70,11 +70,11 @@ def cpu_bf16_is_faster() -> bool:
     instructions bf16 is emulated and several times slower, so nothing is timed."""
     flags = _cpu_flags()
     if not ({"amx_bf16", "avx512_bf16"} & flags) or not torch.backends.mkldnn.is_available():
-        log.debug("retrieval: no AMX/AVX-512 bf16 on this CPU; scoring in float32")
+        log.debug("no AMX/AVX-512 bf16 on this CPU: bf16 would be emulated")
         return False
     a32, b32 = torch.randn(2048, 512), torch.randn(8192, 512)
     t32, t16 = _best_time(a32, b32), _best_time(a32.bfloat16(), b32.bfloat16())
-    log.info("retrieval: bf16 GEMM %.1fx the speed of float32 on this CPU", t32 / t16)
+    log.info("bf16 GEMM %.1fx the speed of float32 on this CPU", t32 / t16)
     return t32 / t16 >= BF16_MIN_SPEEDUP
 
 
