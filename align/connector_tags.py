@@ -54,6 +54,7 @@ class WordTags(LMWordVocabulary, Connector, nn.Module):
     """
 
     name = "word_tags"
+    seeds_from_lm_map = False
 
     def __init__(self, vision_dim: int, lm_dim: int, vocabulary: Sequence[str] | None = None, slots: int = 6,
                  threshold: float = 0.25, temperature: float = 0.1) -> None:

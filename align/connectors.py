@@ -56,10 +56,12 @@ class Connector:
     """Mixin of every connector (used with ``nn.Module`` subclasses).
 
     Attributes: ``vision_dim`` (d_v), ``lm_dim`` (d_lm), ``kind`` (``"tokens"`` or ``"xattn"``),
-    ``name`` (the registry name).
+    ``name`` (the registry name), ``seeds_from_lm_map`` (whether :meth:`seed` uses ``image_to_lm``, whose
+    output scale the bridge calibrates; the tag connectors seed from ``image_to_shared`` only).
     """
 
     kind: str = "tokens"
+    seeds_from_lm_map: bool = True
     name: str = ""
     llava_type: str | None = None
     vision_dim: int

@@ -18,7 +18,7 @@ import torch
 
 from align.cca import CCA
 from align.clip import CLIPHeads
-from align.connectors import build_connector
+from align.connectors import CONNECTORS, build_connector
 from align.mllm import MultimodalLM
 from align.seeding import (AffineMap, aligner_map, bag_of_words, caption_vocabulary, fit_text_to_lm, image_to_lm_map,
                            llm_text_embeddings, map_r2)
@@ -187,7 +187,9 @@ def calibrate(cfg: Config, bd: BridgeData, image_to_lm: AffineMap) -> tuple[floa
                              max_caption_tokens=cfg.llm.max_caption_tokens)
         return corpus_nll(model, images, np.arange(n), texts, "image", min(cfg.eval.batch_size, n))
 
-    by_scale = {float(x): nll("linear", float(x)) for x in s.scales} if len(s.scales) > 1 else {}
+    # tag connectors ignore image_to_lm: with only those listed, the calibration (a step-0 NLL per scale) is skipped
+    needed = any(getattr(CONNECTORS.get(c), "seeds_from_lm_map", True) for c in cfg.connectors)
+    by_scale = {float(x): nll("linear", float(x)) for x in s.scales} if len(s.scales) > 1 and needed else {}
     scale = min(by_scale, key=by_scale.get) if by_scale else float(s.scales[0])
     info: dict[str, Any] = {"scale": scale, "linear_nll_by_scale": by_scale}
     mode = s.mlp_mode

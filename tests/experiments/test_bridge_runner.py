@@ -105,6 +105,7 @@ def test_run_end_to_end_with_a_tiny_llama(tiny_run):
     assert g["ci95"][0] <= g["gain"] <= g["ci95"][1]
     seed_map = results["setup"]["seed_map"]
     assert seed_map["aligner"]["fit_on"] == "tokens" and seed_map["calibration"]["scale"] in (1.0, 2.0)
+    assert len(seed_map["calibration"]["linear_nll_by_scale"]) == 2  # mlp2x_gelu seeds from the scaled map
     assert results["setup"]["image_tokens"][0] == 4
     vqa = results["vqa"]
     assert set(vqa["runs"]) == {"seeded"} and vqa["connector"] == "mlp2x_gelu"
