@@ -12,7 +12,7 @@ from align.mllm import MultimodalLM
 from align.seeding import AffineMap, llm_text_embeddings
 
 D_V = 6
-WORDS = "a the is red blue green circle square star cobalt none 1 2 3 4 5 6 7 8 9".split()
+WORDS = "a the is red blue green circle square star cobalt none 1 2 3 4 5 6 7 8 9 left right above below level".split()
 CAPTIONS = ["a red circle", "the blue square", "a green star", "a cobalt square is the star"]
 GROUPS = [["red", "blue|cobalt", "green"], ["circle", "square", "star"]]
 
@@ -86,6 +86,30 @@ def test_tokens_are_coordinates_and_tags_of_cells_picked_by_suppression(lm):
     x = torch.zeros(1, 4, D_V)
     x[0, 2, 0], x[0, 2, 1] = 1.0, 0.5
     assert single.layout(x) == ["1 2 star green"] and single(x).shape == (1, 4, 64)
+
+
+def test_relation_phrases_for_every_pair_of_shown_cells(lm):
+    c = _bound(lm, vocabulary=GROUPS, cells=4, threshold=0.5, suppress=2, relations=True)
+    _identity_scores(c)
+    x = torch.zeros(1, 16, D_V)  # the three objects of the test above
+    x[0, 15, 0], x[0, 15, 3] = 1.0, 0.9  # 4 4 red circle
+    x[0, 12, 2], x[0, 12, 5] = 0.95, 0.6  # 1 4 green star
+    x[0, 3, 1], x[0, 3, 4] = 0.8, 0.1  # 4 1 blue square
+    assert c.layout(x) == ["4 1 blue square; 1 4 green star; 4 4 red circle; blue square right above green star; "
+                           "blue square level above red circle; green star left level red circle"]
+    out = c(x)
+    assert out.shape == (1, 16 + 6 * 6, 64) and c.num_tokens(16) == 52
+    words = ("4 1 blue square 1 4 green star 4 4 red circle none none none none "
+             "blue square right above green star blue square level above red circle "
+             "none none none none none none green star left level red circle").split() + ["none"] * 12
+    e = torch.as_tensor(llm_text_embeddings(*lm, words), dtype=torch.float32)
+    assert torch.allclose(out[0], e, atol=1e-6)
+    rebuilt = connector_from_config(c.config)  # the relation words travel in the state dict
+    rebuilt.load_state_dict(c.state_dict())
+    assert torch.equal(rebuilt(x), out)
+    c.score.weight.requires_grad_(True)
+    c(x).pow(2).sum().backward()  # the phrases' tags pass the straight-through gradient too
+    assert c.score.weight.grad.abs().sum() > 0
 
 
 def test_gradient_reaches_the_scorer_straight_through(lm):

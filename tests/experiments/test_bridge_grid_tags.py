@@ -1,6 +1,7 @@
 """The grid_tags connector through the bridge runner (tiny Llama): the full (unpooled) grid at an encoder size above
 the scenes' (``vision.options.image_size``), tag groups with synonyms from the config, seeding from the run's seed
-map, stage 2, and ``alignfuse ask`` on the saved model (groups and encoder size travel with it)."""
+map (its scale calibration skipped: tag connectors do not use it), the LM's matmuls in bf16 (``llm.linears_bf16``),
+stage 2, and ``alignfuse ask`` on the saved model (groups, encoder size and matmul precision travel with it)."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,9 +17,10 @@ GROUPS = [["red|crimson|scarlet", "green|emerald", "blue|cobalt"], ["circle|disc
 
 @pytest.mark.slow
 def test_grid_tags_seeded_through_the_runner_and_loaded_by_ask(tmp_path):
+    from align.llm import LowPrecisionLinear
     from experiments.ask import load_bridge
 
-    raw = {**TINY, "vision": {"tokens": None, "options": {"image_size": 128}},  # 64 px scenes, a 4x4 grid
+    raw = {**TINY, "llm": {**TINY["llm"], "linears_bf16": True}, "vision": {"tokens": None, "options": {"image_size": 128}},  # 64 px scenes, a 4x4 grid
            "connectors": ["grid_tags"], "connector_options": {"grid_tags": {"vocabulary": GROUPS, "cells": 3,
                                                                             "threshold": -100.0}},
            "stage2": {**TINY["stage2"], "connector": "grid_tags"},
@@ -26,11 +28,13 @@ def test_grid_tags_seeded_through_the_runner_and_loaded_by_ask(tmp_path):
     results = bridge.run(bridge.load(raw))
     seeded = results["runs"]["grid_tags/seeded"]
     assert "ridge_alpha" in seeded["seed_info"] and seeded["seed_info"]["mean_cells_shown"] >= 1.0
+    assert results["setup"]["seed_map"]["calibration"]["linear_nll_by_scale"] == {}  # not needed: skipped
     assert results["vqa"]["connector"] == "grid_tags" and results["setup"]["image_tokens"] == [16, 1280]
     assert 0.0 <= seeded["layout_colour_accuracy"] <= 1.0 and 1.0 <= seeded["layout_cells_per_image"] <= 3.0
     model = load_bridge(tmp_path / "out")
     conn = model.connector
     assert conn.name == "grid_tags" and conn.groups == GROUPS and conn.words[:3] == ["red", "green", "blue"]
+    assert any(isinstance(m, LowPrecisionLinear) for m in model.llm.modules())
     layout = conn.layout(torch.randn(2, 16, conn.vision_dim))  # the threshold shows every picked cell
     cells = [c.split() for c in layout[0].split("; ")]
     assert 1 <= len(cells) <= 3 and all(c[2] in ("red", "green", "blue") and c[3] in ("circle", "square", "star")
