@@ -125,12 +125,13 @@ def attribute_metrics(texts: list[str], scenes: list[dict]) -> dict[str, float]:
 def layout_metrics(layouts: list[str], scenes: list[dict], side: int) -> dict[str, float]:
     """How well ``grid_tags`` layouts (``"col row word …; …"``, :meth:`align.connector_grid.GridTags.layout`) match
     the scenes: images whose number of shown cells equals their number of objects, and, for each shown cell, whether
-    its words name the colour / the shape of the object whose centre is nearest to the cell's centre."""
+    its words name the colour / the shape of the object whose centre is nearest to the cell's centre. Relation
+    phrases (``relations=True``: entries without coordinates) are not cells and are skipped."""
     if len(layouts) != len(scenes):
         raise ValueError(f"{len(layouts)} layouts but {len(scenes)} scenes")
     exact = cells = colour_ok = shape_ok = 0
     for layout, scene in zip(layouts, scenes):
-        shown = [c.split() for c in layout.split("; ") if c]
+        shown = [c.split() for c in layout.split("; ") if c and c.split()[0].isdigit()]
         exact += len(shown) == len(scene["objects"])
         for col, row, *words in shown:
             x, y = (int(col) - 0.5) / side, (int(row) - 0.5) / side

@@ -48,7 +48,8 @@ def test_layout_metrics_match_cells_to_the_nearest_object():
     scenes = [{"objects": [{"x": 0.1, "y": 0.1, "colour": "red", "shape": "circle"},
                            {"x": 0.9, "y": 0.8, "colour": "blue", "shape": "star"}]},
               {"objects": [{"x": 0.5, "y": 0.5, "colour": "green", "shape": "square"}]}]
-    layouts = ["1 1 red circle; 4 4 cobalt square",  # 4x4 grid; "cobalt" names blue, the star is called a square
+    layouts = ["1 1 red circle; 4 4 cobalt square; red circle left above cobalt square",  # 4x4 grid; "cobalt" names
+               # blue, the star is called a square; the relation phrase is not a cell
                "2 2 green square; 3 3 green square"]  # one object shown twice
     m = layout_metrics(layouts, scenes, side=4)
     assert m == {"layout_count_exact": 0.5, "layout_cells_per_image": 2.0, "layout_colour_accuracy": 1.0,
