@@ -13,5 +13,8 @@ def test_bench_bridge_tiny(tmp_path, capsys):
     import json
 
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 6 and rows[0]["speedup_vs_plain"] == 1.0
-    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-3
+    assert len(rows) == 8 and rows[0]["speedup_vs_plain"] == 1.0
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-3 and rows[1]["grad_rel_diff"] < 1e-4
+    low = {r["variant"]: r for r in rows}["ours + bf16 linears"]
+    assert 0 < abs(low["loss"] - rows[0]["loss"]) < 2e-2 and 0 < low["grad_rel_diff"] < 0.2  # rounds, stays close
+    assert all((r["grad_rel_diff"] is None) == ("short prompt" in r["variant"]) for r in rows)
