@@ -181,6 +181,7 @@ def prepare(cfg: Config) -> BridgeData:
     vision = {"encoder": cfg.vision.encoder, "encoder_name": encoder.name, "options": dict(cfg.vision.options),
               "image_size": cfg.data.image_size, "tokens": cfg.vision.tokens}
     setup = {"llm": llm_name.split(":")[0] if words is not None else llm_name, "vision_encoder": encoder.name, "grid_shape": list(cells.shape),
-             "image_tokens": list(tokens.shape[1:]), "prepare_data_seconds": round(time.perf_counter() - t0, 2), "linears_bf16": bf16}
+             "image_tokens": list(tokens.shape[1:]), "prepare_data_seconds": round(time.perf_counter() - t0, 2),
+             "linears_bf16": bf16}
     return BridgeData(data=data, tokens=tokens, cells=cells, llm=llm, tokenizer=tokenizer, llm_name=llm_name,
                       vision=vision, train_set=train_set, val=val, eval_set=eval_set, setup=setup)

@@ -178,6 +178,7 @@ def save_model(model: MultimodalLM, directory: Path, cfg: Config, bd: BridgeData
     meta = {"format": "alignfuse-bridge", "llm": bd.llm_name, "connector": model.connector.config,
             "prompt": model.prompt, "max_caption_tokens": model.max_caption_tokens,
             "style_tokens": 0 if model.style is None else int(model.style.shape[0]),
-            "vision": bd.vision, "adapter": model._peft is not None, "linears_bf16": bool(bd.setup.get("linears_bf16")), **extra}
+            "vision": bd.vision, "adapter": model._peft is not None,
+            "linears_bf16": bool(bd.setup.get("linears_bf16")), **extra}
     write_file_atomically(directory / MODEL_FILE, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     return directory
