@@ -51,9 +51,9 @@ def _pool(x: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from align.connectors import build_connector
     import copy
 
+    from align.connectors import build_connector
     from align.llm import load_llm, low_precision_linears, tiny_llm
     from align.mllm import MultimodalLM
     from experiments.bridge.config import CHATML_PROMPT, SHORT_PROMPT

@@ -124,12 +124,15 @@ def feature_cache(cfg: Config) -> FeatureCache:
 
 
 def use_bf16_linears(setting: bool | str) -> bool:
-    """``llm.linears_bf16`` resolved: ``"auto"`` is True with CUDA or where a bf16 GEMM beats float32 on this CPU."""
+    """``llm.linears_bf16`` resolved: ``"auto"`` is the retrieval evaluator's rule for the device the bridge trains
+    on (:func:`experiments.retrieval.precision.choose_precision`: CUDA with bf16 support, or a CPU where a bf16
+    GEMM beats float32)."""
     if setting != "auto":
         return bool(setting)
-    from experiments.retrieval.precision import cpu_bf16_is_faster
+    from experiments.retrieval.precision import choose_precision
 
-    return torch.cuda.is_available() or cpu_bf16_is_faster()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the Trainer's device "auto"
+    return choose_precision("auto", device) == "bf16"
 
 
 def prepare(cfg: Config) -> BridgeData:
