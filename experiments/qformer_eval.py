@@ -161,14 +161,15 @@ VARIANTS: dict[str, dict[str, float]] = {
 }
 
 
-def _data(n_scenes: int, max_eval_images: int):
-    """The demo's ShapesWorld (no held-out combinations), MobileNetV2 grids from the feature cache."""
+def _data(n_scenes: int, max_eval_images: int, encoder_size: int | None = None):
+    """The demo's ShapesWorld (no held-out combinations), MobileNetV2 grids from the feature cache: 4x4 on the
+    128 px scenes, 8x8 with ``encoder_size=256`` (the scenes upsampled, as the bridge's ``grid_tags`` reads them)."""
     from experiments.data import load_shapesworld
     from experiments.features import FeatureCache, build_encoder, extract_features
 
     ds = load_shapesworld(n_scenes=n_scenes, image_size=128, seed=0, holdout=[])
-    feats = extract_features(ds.images, build_encoder("mobilenet_v2"), FeatureCache(), ds.fingerprint, "all",
-                             kinds=("pooled", "grid"))
+    encoder = build_encoder("mobilenet_v2", **({"image_size": encoder_size} if encoder_size else {}))
+    feats = extract_features(ds.images, encoder, FeatureCache(), ds.fingerprint, "all", kinds=("pooled", "grid"))
     return ds, feats["grid"], np.asarray(ds.splits["test"])[:max_eval_images]
 
 
@@ -201,6 +202,7 @@ def run_variant(name: str, args, ds, grid, test_idx, seed: int) -> dict[str, Any
     if weights["itm_weight"] > 0:
         weights["itm_weight"] = args.itm_weight
     model = build_aligner("qformer", image_dim=int(grid.shape[-1]), num_queries=args.queries, num_layers=args.layers,
+                          cross_every=args.cross_every,
                           max_text_len=args.max_text_len, itg_vocab=args.itg_vocab, grid_positions=args.grid_positions,
                           num_classes=int(labels.max()) + 1, model_dir=args.model_dir, rerank_k=args.k, **weights)
     tr = np.asarray(ds.splits["train"])
@@ -243,11 +245,25 @@ def run_variant(name: str, args, ds, grid, test_idx, seed: int) -> dict[str, Any
         ng = itm_pair_scores(model, test_grid, neg, owner, np.arange(len(owner)), args.eval_batch_size)
         res["hard_negatives"]["itm_by_kind"] = {str(k): float(100 * np.mean(pos[kinds == k] > ng[kinds == k]))
                                                 for k in np.unique(kinds)}
+        res["hard_negatives_train"] = _train_fit(model, ds, grid, args.eval_batch_size)
     res["eval_seconds"] = time.perf_counter() - t0
     if args.save:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), Path(args.out) / f"{name}-seed{seed}.pt")
     return res
+
+
+def _train_fit(model, ds, grid: Any, batch_size: int, n_scenes: int = 150, per_scene: int = 3) -> dict[str, float]:
+    """ITM and ITC hard-negative accuracy on the training negatives of the first ``n_scenes`` training scenes (pairs
+    the model was trained on): whether a low test figure is a failure to fit or to generalise."""
+    rows = [int(r) for r in np.asarray(ds.splits["train"])[:n_scenes] if getattr(ds, "train_negatives", None)
+            and ds.train_negatives[int(r)]]
+    if not rows:
+        return {}
+    src = [s for r in rows for s in ds.train_negative_sources[r][:per_scene]]
+    neg = [n for r in rows for n in ds.train_negatives[r][:per_scene]]
+    owner = np.repeat(np.arange(len(rows)), [len(ds.train_negatives[r][:per_scene]) for r in rows])
+    return itm_hard_negative_metrics(model, np.asarray(grid[rows], dtype=np.float32), src, neg, owner, batch_size)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -261,11 +277,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--queries", type=int, default=4)
+    p.add_argument("--cross-every", type=int, default=2, help="cross-attention in every n-th layer (BLIP-2: 2)")
     p.add_argument("--max-text-len", type=int, default=24)
     p.add_argument("--itg-vocab", default="batch", choices=["full", "batch"])
     p.add_argument("--itm-weight", type=float, default=1.0, help="weight of ITM in the variants that have it")
     p.add_argument("--grid-positions", type=int, default=256, help="learned grid position embeddings (0: none)")
     p.add_argument("--train-negatives", type=int, default=12, help="compositional negatives per training image (+neg)")
+    p.add_argument("--encoder-size", type=int, default=None,
+                   help="MobileNetV2 input size (256: the 8x8 grid; default: the scenes' 128 px, a 4x4 grid)")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--device", default="auto", help="Trainer device: auto, cpu, cuda")
     p.add_argument("--eval-batch-size", type=int, default=64)
@@ -282,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ds, grid = load_bundle(args.bundle)
         test_idx = np.asarray(ds.splits["test"])[: args.max_eval_images]
     else:
-        ds, grid, test_idx = _data(args.n_scenes, args.max_eval_images)
+        ds, grid, test_idx = _data(args.n_scenes, args.max_eval_images, args.encoder_size)
     if args.write_bundle:
         from experiments.qformer_data import save_bundle
 
@@ -297,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             results.append(r)
             print(json.dumps({k: r[k] for k in ("variant", "seed", "train_seconds", "encode_rsum")}
                              | {"itc_rsum": r["itc"]["rsum"], "rerank_rsum": r["itm_rerank"]["rsum"],
-                                "hard_neg": r["hard_negatives"]}), flush=True)
+                                "hard_neg": r["hard_negatives"], "hard_neg_train": r.get("hard_negatives_train")}),
+                  flush=True)
             from align.weights import write_file_atomically
 
             blob = json.dumps({"args": vars(args), "runs": results}, indent=1).encode()

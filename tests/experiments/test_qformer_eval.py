@@ -1,6 +1,8 @@
 """The Q-Former's evaluation in the align runner (re-ranking, ITM hard negatives, report table) and its ITM data."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,21 @@ def test_bundle_round_trip(small_world, tmp_path):
     np.testing.assert_array_equal(data.splits["train"], tr)
     assert data.train_negatives[tr[0]] and all(not data.train_negatives[i] for i in small_world.splits["test"])
     np.testing.assert_array_equal(data.labels["shape_colour"], small_world.labels["shape_colour"])
+
+
+def test_ablation_cli_builds_the_asked_cross_attention_layers(small_world, tmp_path):
+    """``--cross-every 1`` puts cross-attention in every layer (the default 2: layers 0, 2, ...)."""
+    from experiments.qformer_data import save_bundle
+    from experiments.qformer_eval import main
+
+    grid = np.random.default_rng(0).normal(size=(len(small_world), 4, 8)).astype(np.float32)
+    save_bundle(tmp_path / "b.npz", small_world, grid, per_image=2)
+    for every, expected in ((1, {0, 1}), (2, {0})):
+        out = tmp_path / f"every{every}"
+        main(["--bundle", str(tmp_path / "b.npz"), "--variants", "itc+itm+neg", "--steps", "1", "--batch-size", "4",
+              "--layers", "2", "--queries", "2", "--cross-every", str(every), "--max-eval-images", "4",
+              "--device", "cpu", "--save", "--out", str(out)])
+        state = torch.load(out / "itc+itm+neg-seed0.pt", weights_only=True)
+        assert {int(k.split(".")[2]) for k in state if ".crossattention." in k} == expected
+        fit = json.loads((out / "results.json").read_text())["runs"][0]["hard_negatives_train"]
+        assert fit["n_pairs"] > 0 and 0 <= fit["itm"] <= 100  # the training negatives' fit is reported
